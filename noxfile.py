@@ -1,0 +1,99 @@
+"""Sessions for prefixkv-bench: `nox -l` lists them, `nox` runs the default ones (tests, lint)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (CPU: torch references and the Triton interpreter; `gpu` tests skip without CUDA)."""
+    _install(session, ".[test]")
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style and common bugs with ruff."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "prefixkv", "kernels", "bench", "tests", "noxfile.py", *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Run the benchmark matrix (gpu.toml with nvidia-smi, else the CPU default.toml) and write its HTML report."""
+    _install(session, ".")
+    args = list(session.posargs)
+    if "--matrix" not in args:
+        name = "gpu" if shutil.which("nvidia-smi") else "default"
+        args = ["--matrix", str(ROOT / "bench" / "matrices" / f"{name}.toml"), *args]
+    if "--results" not in args:
+        matrix = Path(args[args.index("--matrix") + 1])
+        args += ["--results", str(ROOT / "reports" / matrix.stem)]
+    results = args[args.index("--results") + 1]
+    session.run("python", "-m", "bench", "run", *args)
+    session.run("python", "-m", "bench", "report", "--results", results)
+
+
+@nox.session(default=False)
+def regress(session: nox.Session) -> None:
+    """Gate on performance: the regress matrix on a baseline ref (posargs[0], default HEAD) vs the working tree."""
+    _install(session, ".")
+    posargs = list(session.posargs)
+    ref = posargs.pop(0) if posargs and not posargs[0].startswith("-") else "HEAD"
+    work = Path(session.create_tmp()).resolve() / "regress"
+    shutil.rmtree(work, ignore_errors=True)
+    baseline_src = _baseline_tree(session, ref, work)
+    matrix = str(ROOT / "bench" / "matrices" / "regress.toml")
+    # Interleaved rounds, so that drift in the machine's speed (other jobs, clocks) hits both sides alike.
+    for round_ in (1, 2, 3):
+        for side, src in (("baseline", baseline_src), ("current", ROOT)):
+            with session.chdir(src):
+                results = str(work / side / f"round{round_}")
+                session.run(
+                    "python", "-m", "bench", "run", "--matrix", matrix, "--results", results, "--strict",
+                    env={"PYTHONPATH": str(src)},
+                )
+    # Ratios to the same run's full cache by default: on shared runners absolute times drift more than 5% run to run.
+    mode = [] if "--mode" in posargs else ["--mode", "ratio"]
+    session.run("python", "-m", "bench", "compare", str(work / "baseline"), str(work / "current"), *mode, *posargs)
+
+
+# --- shared steps -------------------------------------------------------------------------------
+
+
+def _install(session: nox.Session, *targets: str) -> None:
+    """Install `targets`, steering pip to the local CPU torch wheel on machines without an NVIDIA driver."""
+    env = {}
+    if "PIP_CONSTRAINT" not in os.environ and shutil.which("nvidia-smi") is None:
+        env["PIP_CONSTRAINT"] = str(ROOT / "constraints-cpu.txt")
+    session.install(*targets, env=env)
+
+
+def _baseline_tree(session: nox.Session, ref: str, work: Path) -> Path:
+    """A directory importing the working tree's `bench` (the harness) with `ref`'s `prefixkv` and `kernels` (the code
+    under test), extracted read-only with `git archive` - the checkout itself is left alone."""
+    src = work / "baseline-src"
+    src.mkdir(parents=True)
+    try:
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", ref, "prefixkv", "kernels"], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        stderr = getattr(err, "stderr", b"") or b""
+        session.error(f"cannot read prefixkv/ and kernels/ at ref {ref!r}: {stderr.decode().strip() or err}")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(src, filter="data")
+    (src / "bench").symlink_to(ROOT / "bench", target_is_directory=True)
+    return src

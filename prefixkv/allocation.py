@@ -1,0 +1,139 @@
+"""Per-layer cache sizes: how many of a layer's n prompt entries it keeps under a global budget.
+
+Every allocator has the signature `(scores, budget, *, min_keep=1) -> list[int]`, where `scores` is a sequence of
+L per-layer 1-D non-negative tensors of equal length n, so that allocation is a swappable part of a method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from prefixkv.budget import check_budget
+
+
+def _check_scores(scores: Sequence[torch.Tensor], min_keep: int) -> tuple[int, int]:
+    if len(scores) == 0:
+        raise ValueError("scores is empty: need one 1-D tensor per layer")
+    lengths = [int(s.shape[-1]) if s.dim() == 1 else -1 for s in scores]
+    if any(length < 0 for length in lengths):
+        bad = next(i for i, s in enumerate(scores) if s.dim() != 1)
+        raise ValueError(f"scores[{bad}] must be 1-D, got shape {tuple(scores[bad].shape)}")
+    if len(set(lengths)) != 1:
+        raise ValueError(f"scores of unequal lengths per layer: {lengths}")
+    n = lengths[0]
+    if n == 0:
+        raise ValueError("scores have length 0: nothing to allocate")
+    if min_keep < 1:
+        raise ValueError(f"min_keep must be >= 1, got {min_keep}")
+    for i, s in enumerate(scores):
+        if not torch.isfinite(s).all() or (s < 0).any():
+            raise ValueError(f"scores[{i}] must be finite and non-negative")
+    return len(scores), n
+
+
+def target_total(budget: float, n: int, layers: int, min_keep: int = 1) -> int:
+    """Entries kept over all layers: round(budget * n * L), clamped to [L * min(min_keep, n), L * n]."""
+    budget = check_budget(budget)
+    return max(layers * min(min_keep, n), min(layers * n, round(budget * n * layers)))
+
+
+def prefix_allocation(scores: Sequence[torch.Tensor], budget: float, *, min_keep: int = 1) -> list[int]:
+    """PrefixKV's adaptive sizes (arXiv 2412.03409, Sec. 3.2).
+
+    Each layer's normalised scores are sorted into a priority sequence; for a global retention ratio p, layer l
+    keeps the shortest prefix whose cumulative importance reaches p, i.e. every entry whose *preceding* cumulative
+    mass is below p. The paper binary-searches p until the average kept size meets the budget. Because the kept
+    count is a step function of p, we solve that search exactly: the preceding masses of all layers are sorted
+    together and the `target` smallest are kept, which is the prefix set of the smallest p whose total reaches the
+    target (ties, e.g. entries after a layer's mass is exhausted, go to the larger score). The total then equals
+    `round(budget * n * L)` exactly, every layer keeps at least `min_keep`, and a larger budget keeps a superset.
+    """
+    layers, n = _check_scores(scores, min_keep)
+    target = target_total(budget, n, layers, min_keep)
+    floor = min(min_keep, n)
+
+    stacked = torch.stack([s.detach().double().cpu() for s in scores])  # (L, n)
+    totals = stacked.sum(-1, keepdim=True)
+    # A layer with no mass at all gets a flat distribution: it has no preference to express.
+    normed = torch.where(totals > 0, stacked / totals.clamp_min(1e-300), torch.full_like(stacked, 1.0 / n))
+    priority, _ = normed.sort(dim=-1, descending=True)
+    preceding = priority.cumsum(-1) - priority  # mass before each entry of the priority sequence
+
+    # The first `floor` entries of every layer are kept regardless; the rest compete on their preceding mass.
+    rest = preceding[:, floor:].reshape(-1)
+    rest_score = priority[:, floor:].reshape(-1)
+    extra = target - layers * floor
+    counts = torch.full((layers,), floor, dtype=torch.long)
+    if extra > 0:
+        # Sort by preceding mass, then by the entry's own score (descending) to break ties: two stable sorts.
+        by_score = torch.argsort(-rest_score, stable=True)
+        order = by_score[torch.argsort(rest[by_score], stable=True)][:extra]
+        layer_of = order // (n - floor)
+        counts += torch.bincount(layer_of, minlength=layers)
+    return counts.tolist()
+
+
+def uniform_allocation(scores: Sequence[torch.Tensor], budget: float, *, min_keep: int = 1) -> list[int]:
+    """Every layer keeps the same number of entries (the total is split as evenly as integers allow)."""
+    layers, n = _check_scores(scores, min_keep)
+    return _fit_total([1.0] * layers, target_total(budget, n, layers, min_keep), min(min_keep, n), n)
+
+
+def pyramid_allocation(
+    scores: Sequence[torch.Tensor], budget: float, *, min_keep: int = 1, beta: float = 20.0
+) -> list[int]:
+    """PyramidKV's sizes (arXiv 2406.02069): linearly decreasing from the first layer to the last.
+
+    With average size a = budget * n, the last layer gets a / beta and the first 2a - a / beta; sizes are then fitted
+    to [min_keep, n] and to the exact total.
+    """
+    layers, n = _check_scores(scores, min_keep)
+    if beta < 1:
+        raise ValueError(f"beta must be >= 1, got {beta}")
+    target = target_total(budget, n, layers, min_keep)
+    avg = target / layers
+    low, high = avg / beta, 2 * avg - avg / beta
+    weights = [high] if layers == 1 else [high + (low - high) * i / (layers - 1) for i in range(layers)]
+    return _fit_total(weights, target, min(min_keep, n), n)
+
+
+def _fit_total(weights: Sequence[float], target: int, lo: int, hi: int) -> list[int]:
+    """Integer sizes proportional to `weights`, each in [lo, hi], summing exactly to `target` (when feasible).
+
+    Water-filling: shares above `hi` are fixed at `hi` first, then shares below `lo` at `lo`, and the rest of the
+    total is shared again among the others; integer parts are completed by largest remainder.
+    """
+    layers = len(weights)
+    sizes = [0.0] * layers
+    free = set(range(layers))
+    remaining = float(target)
+    while free:
+        wsum = sum(weights[i] for i in free)
+        share = {i: remaining * weights[i] / wsum if wsum > 0 else remaining / len(free) for i in free}
+        over = {i for i in free if share[i] > hi}
+        clipped = over or {i for i in free if share[i] < lo}
+        if not clipped:
+            for i in free:
+                sizes[i] = share[i]
+            break
+        for i in clipped:
+            sizes[i] = float(hi if i in over else lo)
+            remaining -= sizes[i]
+        free -= clipped
+    counts = [min(hi, max(lo, int(s))) for s in sizes]
+    order = sorted(range(layers), key=lambda i: (-(sizes[i] - int(sizes[i])), i))
+    while sum(counts) != target:
+        step = 1 if sum(counts) < target else -1
+        movable = [i for i in order if lo <= counts[i] + step <= hi]
+        if not movable:
+            break
+        for i in movable:
+            if sum(counts) == target:
+                break
+            counts[i] += step
+    return counts
+
+
+ALLOCATORS = {"prefix": prefix_allocation, "uniform": uniform_allocation, "pyramid": pyramid_allocation}

@@ -1,0 +1,116 @@
+"""The shared plumbing of every KV-cache compression method.
+
+A method answers three questions for the prompt's cache, layer by layer: how important is each entry (`score`),
+how many entries does each layer keep (`allocate`), and which ones (`select`). Subclasses override the smallest of
+these that they change; `Method.plan` strings them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from prefixkv.allocation import uniform_allocation
+from prefixkv.budget import check_budget
+from prefixkv.policy import DecodePolicy
+from prefixkv.scoring import key_importance
+
+
+@dataclass
+class Method:
+    """Base class: scores by attention mass from the whole prompt, equal sizes per layer, top-k per layer.
+
+    Fields common to all methods:
+        min_keep: every layer keeps at least this many prompt entries.
+        per_kv_head: select entries per KV head (each head its own top-k) instead of one set shared by all heads.
+        decode: what happens to generated tokens (`prefixkv.policy`): "grow" keeps them all, "fixed_position" holds
+            each layer's keep ratio by dropping the entry `decode_distance` places before the end of the compressed
+            prompt, "score" drops the entry with the least attention from decode queries, sparing the
+            `decode_recent` most recent ones.
+    """
+
+    name: ClassVar[str] = ""
+    #: False for methods whose choice does not depend on attention (the scoring hooks then skip the queries).
+    needs_scores: ClassVar[bool] = True
+
+    min_keep: int = 1
+    per_kv_head: bool = False
+    decode: str = "grow"
+    decode_distance: int = 0
+    decode_recent: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_keep, int) or self.min_keep < 1:
+            raise ValueError(f"{self.name}: min_keep must be an integer >= 1, got {self.min_keep!r}")
+        try:
+            self.policy = DecodePolicy(self.decode, self.decode_distance, self.decode_recent)
+        except ValueError as err:
+            raise ValueError(f"{self.name}: {err}") from None
+
+    @property
+    def query_window(self) -> int | None:
+        """How many of the prompt's last queries `score` needs (None: all of them)."""
+        return None
+
+    # --- the three overridable steps -------------------------------------------------------------------------
+
+    def score(self, queries: torch.Tensor, keys: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """Importance of each prompt entry of one layer.
+
+        queries: (batch, q_heads, s_q, head_dim) after RoPE (the prompt's last s_q queries);
+        keys: (batch, kv_heads, n, head_dim). Returns (batch, kv_heads, n) float32, larger = more important.
+        """
+        scores = key_importance(queries, keys, per_kv_head=self.per_kv_head)
+        return scores if self.per_kv_head else scores[:, None].expand(-1, keys.shape[1], -1)
+
+    def allocate(self, scores: Sequence[torch.Tensor], budget: float) -> list[int]:
+        """Kept entries per layer; `scores` is one (batch, kv_heads, n) tensor per layer."""
+        return uniform_allocation(layer_profiles(scores), budget, min_keep=self.min_keep)
+
+    def select(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """The `keep` entries to retain: (batch, kv_heads, keep) int64 positions, ascending."""
+        return top_k_positions(scores, keep)
+
+    # --- plumbing --------------------------------------------------------------------------------------------
+
+    def plan(self, scores: Sequence[torch.Tensor], budget: float) -> list[torch.Tensor]:
+        """Kept positions for every layer: a list of (batch, kv_heads, k_l) int64 tensors, ascending."""
+        budget = check_budget(budget)
+        counts = self.allocate(scores, budget)
+        return [self.select(s, k) for s, k in zip(scores, counts, strict=True)]
+
+
+def layer_profiles(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One 1-D importance distribution per layer, for allocation: averaged over batch and heads, summing to 1.
+
+    All sequences of a batch share one allocation so that each layer's cache stays a dense tensor.
+    """
+    out = []
+    for s in scores:
+        flat = s.float().reshape(-1, s.shape[-1])
+        flat = flat / flat.sum(-1, keepdim=True).clamp_min(1e-30)
+        out.append(flat.mean(0).cpu())
+    return out
+
+
+def top_k_positions(scores: torch.Tensor, keep: int, *, protect: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions of the `keep` highest scores per (batch, head), ascending; `protect` (n,) bool always kept first."""
+    n = scores.shape[-1]
+    keep = max(0, min(keep, n))
+    if protect is not None:
+        # Protected entries outrank everything; among them, and among the rest, the score decides.
+        scores = scores.float() + protect.to(scores.device).float() * (scores.abs().amax() + 1.0) * 2
+    idx = scores.topk(keep, dim=-1, sorted=False).indices
+    return idx.sort(dim=-1).values
+
+
+def recent_mask(n: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n,) bool: True on the last `window` positions."""
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    if window > 0:
+        mask[-window:] = True
+    return mask
+

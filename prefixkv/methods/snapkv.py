@@ -1,0 +1,55 @@
+"""SnapKV: an observation window of the last queries votes, with pooling, for the entries to keep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prefixkv.methods.base import Method, recent_mask, top_k_positions
+from prefixkv.scoring import attention_mass
+
+
+@dataclass
+class SnapKV(Method):
+    """Scores entries by the attention of the last `window` prompt queries, smoothed by 1-D pooling of width
+    `kernel_size`, and keeps the top entries per KV head plus the window itself (Li et al., arXiv 2404.14469).
+    Every layer keeps the same number of entries.
+
+    Scores: (batch, kv_heads, n).
+    """
+
+    name = "snapkv"
+
+    per_kv_head: bool = True
+    window: int = 32
+    kernel_size: int = 7
+    pooling: str = "avg"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"{self.name}: window must be an integer >= 1, got {self.window!r}")
+        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"{self.name}: kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"{self.name}: pooling must be 'avg' or 'max', got {self.pooling!r}")
+
+    @property
+    def query_window(self) -> int | None:
+        return self.window
+
+    def score(self, queries: torch.Tensor, keys: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        mass = attention_mass(queries, keys, window=self.window)
+        batch, heads, n = mass.shape
+        pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
+        pad = self.kernel_size // 2
+        pooled = pool(mass.reshape(batch * heads, 1, n), self.kernel_size, stride=1, padding=pad)
+        if not self.per_kv_head:
+            pooled = pooled.view(batch, heads, n).mean(1, keepdim=True).expand(batch, heads, n)
+        return pooled.reshape(batch, heads, n)
+
+    def select(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        window = recent_mask(scores.shape[-1], min(self.window, keep), scores.device)
+        return top_k_positions(scores, keep, protect=window)

@@ -1,0 +1,46 @@
+"""Importance scores: how much attention each cached key receives from the prompt's queries.
+
+On CUDA the fused Triton kernel (`kernels/scores.py`) computes the attention mass without materialising the attention
+matrix, so prefill can keep SDPA / flash attention; elsewhere its chunked plain-torch reference does (memory
+O(chunk x S) per head).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.scores import attention_scores
+
+
+def attention_mass(queries: torch.Tensor, keys: torch.Tensor, *, window: int | None = None) -> torch.Tensor:
+    """Attention mass per key, summed over the query heads of each KV group.
+
+    queries: (batch, q_heads, s_q, head_dim), after rotary embedding, aligned with the last s_q keys;
+    keys: (batch, kv_heads, n, head_dim). `window` scores with only the last `window` queries.
+    Returns (batch, kv_heads, n) float32: `sum_{h in group, i} softmax_j(q_{h,i} . k_j / sqrt(d))`, causal.
+    """
+    batch, q_heads = queries.shape[:2]
+    kv_heads, n = keys.shape[1], keys.shape[2]
+    if window is not None:
+        window = min(window, queries.shape[2])
+    # The fused Triton kernel on CUDA; it falls back to the chunked torch reference elsewhere.
+    per_query_head = attention_scores(queries, keys, causal=True, window=window)  # (batch, q_heads, n)
+    return per_query_head.view(batch, kv_heads, q_heads // kv_heads, n).sum(2)
+
+
+def normalise(scores: torch.Tensor) -> torch.Tensor:
+    """Scale the last dimension to sum 1 (a row with no mass stays zero)."""
+    total = scores.sum(-1, keepdim=True)
+    return scores / total.clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def key_importance(
+    queries: torch.Tensor, keys: torch.Tensor, *, window: int | None = None, per_kv_head: bool = False
+) -> torch.Tensor:
+    """PrefixKV's per-layer importance: attention mass averaged over heads and normalised to sum 1, in float32.
+
+    Shapes as in `attention_mass`. Returns (batch, n), or (batch, kv_heads, n) with `per_kv_head` (each KV head
+    averaged over its query group and normalised on its own).
+    """
+    mass = attention_mass(queries, keys, window=window)
+    return normalise(mass if per_kv_head else mass.sum(1))

@@ -1,0 +1,114 @@
+"""Property tests of the per-layer allocators."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefixkv.allocation import ALLOCATORS, prefix_allocation, pyramid_allocation, uniform_allocation
+
+budgets = st.floats(min_value=0.01, max_value=1.0, allow_nan=False)
+
+
+@st.composite
+def layer_scores(draw, max_layers: int = 6, max_n: int = 64):
+    layers = draw(st.integers(1, max_layers))
+    n = draw(st.integers(1, max_n))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    # A different concentration per layer: some layers flat, some peaked.
+    temps = [draw(st.floats(0.05, 5.0)) for _ in range(layers)]
+    return [torch.softmax(torch.randn(n, generator=gen) / t, 0) for t in temps]
+
+
+@pytest.mark.parametrize("allocate", ALLOCATORS.values(), ids=ALLOCATORS.keys())
+@settings(max_examples=60, deadline=None)
+@given(scores=layer_scores(), budget=budgets, min_keep=st.integers(1, 8))
+def test_budget_met_within_bounds(allocate, scores, budget, min_keep):
+    counts = allocate(scores, budget, min_keep=min_keep)
+    layers, n = len(scores), scores[0].numel()
+    target = max(layers * min(min_keep, n), min(layers * n, round(budget * n * layers)))
+    assert len(counts) == layers
+    assert abs(sum(counts) - target) <= layers  # "within one token per layer"
+    assert all(min(min_keep, n) <= k <= n for k in counts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(scores=layer_scores(), budget=budgets, min_keep=st.integers(1, 8))
+def test_prefix_meets_budget_exactly(scores, budget, min_keep):
+    layers, n = len(scores), scores[0].numel()
+    target = max(layers * min(min_keep, n), min(layers * n, round(budget * n * layers)))
+    assert sum(prefix_allocation(scores, budget, min_keep=min_keep)) == target
+
+
+@pytest.mark.parametrize("allocate", [prefix_allocation, uniform_allocation], ids=["prefix", "uniform"])
+@settings(max_examples=60, deadline=None)
+@given(scores=layer_scores(), b1=budgets, b2=budgets)
+def test_larger_budget_never_shrinks_a_layer(allocate, scores, b1, b2):
+    lo, hi = sorted((b1, b2))
+    small, large = allocate(scores, lo), allocate(scores, hi)
+    assert all(a <= b for a, b in zip(small, large, strict=False))
+
+
+@settings(max_examples=40, deadline=None)
+@given(scores=layer_scores(), min_keep=st.integers(1, 4))
+def test_full_budget_keeps_everything(scores, min_keep):
+    n = scores[0].numel()
+    for allocate in ALLOCATORS.values():
+        assert allocate(scores, 1.0, min_keep=min_keep) == [n] * len(scores)
+
+
+@pytest.mark.parametrize("min_keep", [1, 3])
+def test_one_hot_layer_keeps_min_keep(min_keep):
+    n = 50
+    one_hot = torch.zeros(n)
+    one_hot[7] = 1.0
+    flat = torch.full((n,), 1.0 / n)
+    counts = prefix_allocation([one_hot, flat, flat], 0.3, min_keep=min_keep)
+    assert counts[0] == min_keep
+    assert sum(counts) == round(0.3 * n * 3)
+    assert abs(counts[1] - counts[2]) <= 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(scores=layer_scores(max_layers=1), copies=st.integers(2, 5), budget=budgets)
+def test_equal_distributions_get_equal_sizes(scores, copies, budget):
+    counts = prefix_allocation(scores * copies, budget)
+    assert max(counts) - min(counts) <= 1
+
+
+def test_concentrated_layers_keep_fewer():
+    n = 100
+    gen = torch.Generator().manual_seed(0)
+    peaked = torch.softmax(torch.randn(n, generator=gen) * 6, 0)
+    flat = torch.softmax(torch.randn(n, generator=gen) * 0.1, 0)
+    counts = prefix_allocation([peaked, flat], 0.3)
+    assert counts[0] < counts[1]
+
+
+def test_pyramid_decreases():
+    scores = [torch.full((200,), 1 / 200)] * 5
+    counts = pyramid_allocation(scores, 0.2)
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    assert sum(counts) == 200
+
+
+@pytest.mark.parametrize("budget", [0, 1.5, -0.2, math.nan, "half", None])
+@pytest.mark.parametrize("allocate", ALLOCATORS.values(), ids=ALLOCATORS.keys())
+def test_bad_budget_names_value(allocate, budget):
+    with pytest.raises(ValueError, match="budget"):
+        allocate([torch.rand(10)], budget)
+
+
+def test_unequal_lengths_rejected():
+    with pytest.raises(ValueError, match=r"\[10, 12\]"):
+        prefix_allocation([torch.rand(10), torch.rand(12)], 0.5)
+
+
+def test_negative_scores_rejected():
+    with pytest.raises(ValueError, match=r"scores\[1\]"):
+        uniform_allocation([torch.rand(4), -torch.rand(4)], 0.5)

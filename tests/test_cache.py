@@ -1,0 +1,222 @@
+"""The compressed cache end to end: equality at full budget, the eviction oracle, sizes, order, buffers, LLaVA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prefixkv
+from prefixkv.capture import scoring_hooks
+from prefixkv.generation import _prefill, _step, cache_argument, make_cache
+from tests.models import llava_inputs, text_inputs, tiny_llama, tiny_llava
+from tests.oracle import oracle_logits
+
+pytestmark = pytest.mark.usefixtures("reference_kernels")
+
+METHOD_NAMES = list(prefixkv.METHODS)
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny_llava()
+
+
+def compressed_logits(model, inputs, method, budget, tokens, **kwargs):
+    """Decode `tokens` (batch, T) with a compressed cache; logits (batch, T - 1, vocab) after each of the first
+    T - 1 tokens, and the cache."""
+    cache = make_cache(model, method, budget, tokens.shape[1], **kwargs)
+    for layer in cache.layers:
+        layer.history = []
+    with torch.no_grad(), scoring_hooks(model, cache):
+        _prefill(model, inputs, cache)
+        cache.compress()
+        logits = [_step(model, tokens[:, t], cache) for t in range(tokens.shape[1] - 1)]
+    return torch.stack(logits, dim=1), cache
+
+
+def prefill(model, inputs, cache):
+    with scoring_hooks(model, cache):
+        _prefill(model, inputs, cache)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_full_budget_equals_full_cache(llama, method):
+    inputs = text_inputs(batch=2, seq=30)
+    expected = llama.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    out = prefixkv.generate(llama, inputs, method=method, budget=1.0, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out.sequences, expected)
+    assert out.cache_stats.kept == [30] * 3
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("budget", [0.2, 0.5])
+def test_oracle(llama, method, budget):
+    # A 50-token prompt with rope_theta=50: a decode step at the kept length instead of the true position
+    # rotates the query by up to 40 positions and changes the logits far beyond the tolerance.
+    inputs = text_inputs(batch=2, seq=50, seed=3)
+    out = prefixkv.generate(llama, inputs, method=method, budget=budget, max_new_tokens=NEW_TOKENS)
+    generated = out.sequences[:, 50:]
+    logits, cache = compressed_logits(llama, inputs, method, budget, generated)
+    positions = [layer.positions for layer in cache.layers]
+    expected = oracle_logits(llama, inputs, generated, positions)
+    # fp32 model vs float64 attention in the oracle: differences are rounding of a few ops on O(1) logits.
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
+
+
+def test_oracle_detects_wrong_positions(llama):
+    """The oracle is sharp enough to see a RoPE bug: decoding at the kept length instead of the true position."""
+    inputs = text_inputs(batch=1, seq=50, seed=3)
+    out = prefixkv.generate(llama, inputs, method="prefixkv", budget=0.2, max_new_tokens=NEW_TOKENS)
+    generated = out.sequences[:, 50:]
+    cache = make_cache(llama, "prefixkv", 0.2, NEW_TOKENS)
+    with torch.no_grad():
+        prefill(llama, inputs, cache)
+        cache.compress()
+        wrong = cache.layers[0].length
+        position = torch.tensor([[wrong]])
+        argument = cache_argument(llama)
+        logits = llama(input_ids=generated[:, :1], position_ids=position, **{argument: cache}).logits[:, -1]
+    expected = oracle_logits(llama, inputs, generated, [layer.positions for layer in cache.layers])[:, 0]
+    assert (logits - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_cache_holds_allocated_counts_in_order(llama, method):
+    inputs = text_inputs(batch=2, seq=40)
+    budget = 0.25
+    cache = make_cache(llama, method, budget, NEW_TOKENS)
+    with torch.no_grad():
+        prefill(llama, inputs, cache)
+        scores = [cache.scores.get(i) for i in range(3)]
+        cache.compress()
+    kept = [layer.positions.shape[-1] for layer in cache.layers]
+    if method == "full":
+        assert kept == [40] * 3
+    else:
+        assert sum(kept) == round(budget * 40 * 3)
+    for layer in cache.layers:
+        pos = layer.positions
+        assert pos.shape[:2] == (2, 2)
+        assert bool((pos[..., 1:] > pos[..., :-1]).all()), "kept positions must stay in original order"
+        assert layer.keys.shape[-2] == pos.shape[-1]
+    if method in ("prefixkv", "uniform"):
+        assert all(s is not None for s in scores)
+
+
+def test_compacted_entries_are_the_kept_ones(llama):
+    inputs = text_inputs(batch=2, seq=40)
+    cache = make_cache(llama, "h2o", 0.3, NEW_TOKENS)
+    with torch.no_grad():
+        prefill(llama, inputs, cache)
+        full_keys = [layer.keys.clone() for layer in cache.layers]
+        cache.compress()
+    for layer, keys in zip(cache.layers, full_keys, strict=False):
+        idx = layer.positions[..., None].expand(-1, -1, -1, keys.shape[-1])
+        torch.testing.assert_close(layer.keys, torch.gather(keys, 2, idx), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_decode_runs_to_max_new_tokens_without_reallocating(llama, method):
+    inputs = text_inputs(batch=2, seq=40)
+    out = prefixkv.generate(llama, inputs, method=method, budget=0.2, max_new_tokens=12)
+    assert out.sequences.shape == (2, 52)
+    assert out.cache_stats.reallocations == 0
+    assert len(out.timings["decode_steps"]) == 11
+    head_bytes = 2 * 2 * 16 * 4  # batch x kv_heads x head_dim x fp32
+    assert out.cache_stats.bytes == [2 * (k + 11) * head_bytes for k in out.cache_stats.kept]
+
+
+def test_buffer_is_written_in_place(llama):
+    inputs = text_inputs(batch=1, seq=30)
+    cache = make_cache(llama, "snapkv", 0.5, 4, window=8)
+    with torch.no_grad():
+        prefill(llama, inputs, cache)
+        cache.compress()
+        buffers = [layer._key_buffer.data_ptr() for layer in cache.layers]
+        token = torch.tensor([5])
+        for _ in range(4):
+            token = _step(llama, token, cache).argmax(-1)
+    assert [layer._key_buffer.data_ptr() for layer in cache.layers] == buffers
+    assert cache.stats().reallocations == 0
+
+
+def test_overrun_grows_instead_of_failing(llama):
+    inputs = text_inputs(batch=1, seq=20)
+    cache = make_cache(llama, "uniform", 0.5, 1)
+    with torch.no_grad():
+        prefill(llama, inputs, cache)
+        cache.compress()
+        token = torch.tensor([5])
+        for _ in range(3):
+            token = _step(llama, token, cache).argmax(-1)
+    assert cache.stats().reallocations > 0
+    assert cache.layers[0].length == 10 + 3
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_llava_generates(llava, method, batch):
+    inputs = llava_inputs(batch=batch)
+    out = prefixkv.generate(llava, inputs, method=method, budget=0.3, max_new_tokens=5)
+    prompt = inputs["input_ids"].shape[1]
+    assert out.sequences.shape == (batch, prompt + 5)
+    assert len(out.cache_stats.kept) == 2
+    if method != "full":
+        assert sum(out.cache_stats.kept) == round(0.3 * prompt * 2)
+    full = prefixkv.generate(llava, inputs, method=method, budget=1.0, max_new_tokens=5)
+    assert torch.equal(full.sequences, llava.generate(**inputs, max_new_tokens=5, do_sample=False))
+
+
+def test_llava_oracle(llava):
+    inputs = llava_inputs(batch=2, text=20)
+    out = prefixkv.generate(llava, inputs, method="prefixkv", budget=0.3, max_new_tokens=NEW_TOKENS)
+    prompt = inputs["input_ids"].shape[1]
+    generated = out.sequences[:, prompt:]
+    logits, cache = compressed_logits(llava, inputs, "prefixkv", 0.3, generated)
+    expected = oracle_logits(llava, inputs, generated, [layer.positions for layer in cache.layers])
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_model_generate_with_attached_cache(llama, attn):
+    inputs = text_inputs(batch=2, seq=40)
+    expected = prefixkv.generate(llama, inputs, method="prefixkv", budget=0.3, max_new_tokens=NEW_TOKENS)
+    llama.set_attn_implementation(attn)
+    try:
+        with prefixkv.attach(llama, method="prefixkv", budget=0.3, max_new_tokens=NEW_TOKENS) as cache:
+            argument = cache_argument(llama)
+            sequences = llama.generate(
+                **inputs, **{argument: cache}, max_new_tokens=NEW_TOKENS, do_sample=False
+            )
+    finally:
+        llama.set_attn_implementation("sdpa")
+    assert torch.equal(sequences, expected.sequences)
+    assert cache.stats().kept == expected.cache_stats.kept
+
+
+def test_continuation_logprobs_match_generation(llama):
+    inputs = text_inputs(batch=2, seq=40)
+    out = prefixkv.generate(llama, inputs, method="snapkv", budget=0.3, max_new_tokens=NEW_TOKENS, window=8)
+    greedy = out.sequences[:, 40:]
+    logprobs = prefixkv.continuation_logprobs(llama, inputs, greedy, method="snapkv", budget=0.3, window=8)
+    assert logprobs.shape == (2, NEW_TOKENS)
+    assert bool((logprobs <= 0).all())
+    full = prefixkv.continuation_logprobs(llama, inputs, greedy, method="full", budget=1.0)
+    assert full.shape == logprobs.shape
+
+
+def test_multi_token_chunk_after_compression_is_refused(llama):
+    inputs = text_inputs(batch=1, seq=20)
+    cache = make_cache(llama, "uniform", 0.5, 4)
+    with torch.no_grad():
+        prefill(llama, inputs, cache)
+        cache.compress()
+        with pytest.raises(ValueError, match="one token per step"):
+            llama(input_ids=torch.tensor([[1, 2]]), **{cache_argument(llama): cache})
+

@@ -1,0 +1,102 @@
+"""The method registry, hyper-parameter validation, selection rules and bad input to the entry points."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import prefixkv
+from prefixkv.methods import build_method
+from tests.models import text_inputs, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("reference_kernels")
+
+
+def test_registry_names_and_docs():
+    assert list(prefixkv.METHODS) == ["full", "streaming_llm", "h2o", "snapkv", "pyramidkv", "uniform", "prefixkv"]
+    for name, cls in prefixkv.METHODS.items():
+        assert cls.name == name
+        assert "arXiv" in (cls.__doc__ or "") or name == "full", f"{name} must name its paper"
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("h2o", {"recent_ratio": 1.5}, "recent_ratio"),
+        ("snapkv", {"window": 0}, "window"),
+        ("snapkv", {"kernel_size": 4}, "kernel_size"),
+        ("snapkv", {"pooling": "median"}, "pooling"),
+        ("pyramidkv", {"beta": 0.5}, "beta"),
+        ("streaming_llm", {"sinks": -1}, "sinks"),
+        ("uniform", {"min_keep": 0}, "min_keep"),
+        ("prefixkv", {"temperature": 2}, "temperature"),
+        ("prefixkv", {"profile": "/nonexistent/profile.json"}, "profile not found"),
+    ],
+)
+def test_bad_hyper_parameters(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_method(name, **kwargs)
+
+
+def test_streaming_llm_keeps_sinks_and_recent():
+    positions = build_method("streaming_llm", sinks=2).select(torch.zeros(1, 2, 20), 6)
+    assert positions[0, 0].tolist() == [0, 1, 16, 17, 18, 19]
+
+
+def test_snapkv_keeps_window():
+    scores = torch.rand(2, 3, 50)
+    positions = build_method("snapkv", window=8).select(scores, 12)
+    assert positions.shape == (2, 3, 12)
+    assert (positions[..., -8:] == torch.arange(42, 50)).all()
+
+
+def test_h2o_recent_and_heavy_hitters():
+    scores = torch.zeros(1, 1, 30)
+    scores[0, 0, [3, 9]] = 1.0
+    positions = build_method("h2o", recent_ratio=0.5).select(scores, 4)
+    assert positions[0, 0].tolist() == [3, 9, 28, 29]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.mark.parametrize("budget", [0, 1.5, math.nan, -1])
+def test_generate_rejects_bad_budget(llama, budget):
+    with pytest.raises(ValueError, match=f"budget must be in \\(0, 1\\], got {budget}"):
+        prefixkv.generate(llama, text_inputs(), method="prefixkv", budget=budget, max_new_tokens=2)
+
+
+def test_generate_rejects_unknown_method(llama):
+    with pytest.raises(ValueError, match="unknown method 'prefix-kv'"):
+        prefixkv.generate(llama, text_inputs(), method="prefix-kv", budget=0.5, max_new_tokens=2)
+
+
+def test_generate_rejects_padding(llama):
+    inputs = text_inputs()
+    inputs["attention_mask"][0, 0] = 0
+    with pytest.raises(ValueError, match="padding"):
+        prefixkv.generate(llama, inputs, method="h2o", budget=0.5, max_new_tokens=2)
+
+
+def test_generate_rejects_bad_max_new_tokens(llama):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
+        prefixkv.generate(llama, text_inputs(), method="h2o", budget=0.5, max_new_tokens=0)
+
+
+def test_model_without_supported_attention():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50)).eval()
+    with pytest.raises(ValueError, match="GPT2LMHeadModel: found 0 decoder attention modules"):
+        prefixkv.generate(gpt2, text_inputs(seq=8), method="prefixkv", budget=0.5, max_new_tokens=2)
+
+
+def test_config_lacking_heads():
+    model = torch.nn.Linear(2, 2)
+    model.config = SimpleNamespace(num_hidden_layers=2, hidden_size=64)
+    with pytest.raises(ValueError, match="lacks `num_attention_heads`"):
+        prefixkv.generate(model, text_inputs(), method="prefixkv", budget=0.5, max_new_tokens=2)
