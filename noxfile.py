@@ -65,9 +65,11 @@ def regress(session: nox.Session) -> None:
                     "python", "-m", "bench", "run", "--matrix", matrix, "--results", results, "--strict",
                     env={"PYTHONPATH": str(src)},
                 )
-    # Ratios to the same run's full cache by default: on shared runners absolute times drift more than 5% run to run.
-    mode = [] if "--mode" in posargs else ["--mode", "ratio"]
-    session.run("python", "-m", "bench", "compare", str(work / "baseline"), str(work / "current"), *mode, *posargs)
+    # Defaults for shared 2-core runners, where A/A runs of the same tree drift by up to ~10% (measured): ratios to
+    # the same run's full cache, and a 20% threshold. Both can be overridden: `nox -s regress -- REF --factor 0.05`.
+    defaults = [] if "--mode" in posargs else ["--mode", "ratio"]
+    defaults += [] if "--factor" in posargs else ["--factor", "0.2"]
+    session.run("python", "-m", "bench", "compare", str(work / "baseline"), str(work / "current"), *defaults, *posargs)
 
 
 # --- shared steps -------------------------------------------------------------------------------

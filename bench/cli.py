@@ -1,0 +1,154 @@
+"""The command line: `python -m bench run | report | compare`.
+
+Bad input (a malformed matrix, an unknown method, a budget outside (0, 1], a model that cannot be built, a missing
+results directory) is one line on stderr and exit code 2, before any cell runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class BadInput(ValueError):
+    """Raised for input the CLI rejects; printed as one line with exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m bench", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    run = verbs.add_parser("run", help="run a matrix, appending to a results store (resumable)")
+    run.add_argument("--matrix", required=True, help="matrix TOML file (see bench/matrices/default.toml)")
+    run.add_argument("--results", required=True, help="results directory (created; cells already in it are skipped)")
+    run.add_argument("--models", help="comma-separated model specs, replacing the matrix's")
+    run.add_argument("--methods", help="comma-separated methods (from prefixkv.METHODS), or 'all'")
+    run.add_argument("--budgets", help="comma-separated budgets in (0, 1]")
+    run.add_argument("--batch-sizes", help="comma-separated batch sizes")
+    run.add_argument("--text-lengths", help="comma-separated text lengths (tokens, after the image tokens)")
+    run.add_argument("--new-tokens", help="comma-separated numbers of generated tokens")
+    run.add_argument("--devices", help="comma-separated devices: cpu, cuda, cuda:N")
+    run.add_argument("--dtype", help="float32, float16 or bfloat16")
+    run.add_argument("--repetitions", type=int, help="timed repetitions per cell")
+    run.add_argument("--warmup", type=int, help="untimed warm-up calls per cell")
+    run.add_argument("--timeout", type=float, dest="timeout_s", help="seconds before a cell is killed")
+    run.add_argument("--keys", help="comma-separated cell key prefixes: run only those cells")
+    run.add_argument("--force", action="store_true", help="re-run cells already in the store")
+    run.add_argument("--strict", action="store_true", help="exit 1 when any cell fails (CI)")
+    run.add_argument("--dry-run", action="store_true", help="list the cells and their keys, run nothing")
+
+    report = verbs.add_parser("report", help="render a results store as a self-contained HTML report")
+    report.add_argument("--results", required=True, action="append", help="results directory (repeatable: merged)")
+    report.add_argument("--out", help="HTML file to write (default: index.html beside the first results directory)")
+    report.add_argument("--title", help="report title")
+
+    compare = verbs.add_parser("compare", help="regression gate: exit 1 when CURRENT is significantly slower")
+    compare.add_argument("baseline", help="baseline results directory")
+    compare.add_argument("current", help="current results directory")
+    compare.add_argument("--factor", type=float, default=0.05, help="smallest relative change flagged (0.05 = 5%%)")
+    compare.add_argument("--alpha", type=float, default=0.01, help="significance level of the Mann-Whitney U test")
+    compare.add_argument(
+        "--mode", choices=("auto", "absolute", "ratio"), default="auto",
+        help="absolute times (same machine), times relative to the same run's `full` cell, or auto (absolute "
+        "when both stores come from the same machine)",
+    )
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    from bench.matrix import parse_list
+
+    lists = {
+        "models": str, "methods": str, "budgets": float, "batch_sizes": int, "text_lengths": int,
+        "new_tokens": int, "devices": str,
+    }
+    out: dict[str, object] = {}
+    for name, kind in lists.items():
+        value = getattr(args, name)
+        if value is not None:
+            out[name] = list(parse_list(value, kind, "--" + name.replace("_", "-")))
+    for name in ("dtype", "repetitions", "warmup", "timeout_s"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bench import matrix as matrix_mod
+    from bench import models
+
+    mx = matrix_mod.load(args.matrix, _overrides(args))
+    for spec in mx.models:
+        models.check(spec)
+    if any(d.startswith("cuda") for d in mx.devices):
+        import torch
+
+        count = torch.cuda.device_count()
+        for device in mx.devices:
+            index = int(device.split(":")[1]) if ":" in device else 0
+            if device.startswith("cuda") and index >= count:
+                raise BadInput(f"device {device!r} requested but this machine has {count} CUDA device(s)")
+    keys = args.keys.split(",") if args.keys else None
+    cells = matrix_mod.select(mx.cells(), keys)
+    if not cells:
+        raise BadInput(f"no cell of {args.matrix} matches --keys {args.keys}")
+    if args.dry_run:
+        for cell in cells:
+            print(cell.key, cell.label)
+        return 0
+
+    from bench.runner import sweep
+
+    outcomes = sweep(cells, args.results, force=args.force, matrix_name=mx.name)
+    failed = [o for o in outcomes if o.status not in ("ok", "skipped")]
+    ran = sum(o.status != "skipped" for o in outcomes)
+    print(f"{ran} cells run, {len(outcomes) - ran} skipped, {len(failed)} failed; results in {args.results}")
+    return 1 if args.strict and failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from bench.report import write_report
+
+    for d in args.results:
+        if not Path(d).is_dir():
+            raise BadInput(f"results directory {d!r} does not exist")
+    out = Path(args.out) if args.out else Path(args.results[0]) / "index.html"
+    path = write_report(args.results, out, title=args.title)
+    print(path)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from bench.compare import compare, print_table
+
+    for d in (args.baseline, args.current):
+        if not Path(d).is_dir():
+            raise BadInput(f"results directory {d!r} does not exist")
+    if not 0 <= args.factor < 10:
+        raise BadInput(f"--factor must be in [0, 10), got {args.factor}")
+    if not 0 < args.alpha < 1:
+        raise BadInput(f"--alpha must be in (0, 1), got {args.alpha}")
+    result = compare(args.baseline, args.current, factor=args.factor, alpha=args.alpha, mode=args.mode)
+    print_table(result)
+    return 1 if result.regressions else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.matrix import MatrixError
+    from bench.models import ModelError
+
+    args = _parser().parse_args(argv)
+    handlers = {"run": _run, "report": _report, "compare": _compare}
+    try:
+        return handlers[args.verb](args)
+    except (BadInput, MatrixError, ModelError) as err:
+        print(f"bench {args.verb}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -1,0 +1,297 @@
+"""The benchmark matrix: a TOML file that declares what to measure, expanded into cells with stable keys.
+
+A matrix file has one `[matrix]` table (see `bench/matrices/default.toml` for every field, commented)::
+
+    [matrix]
+    models = ["tiny-llava"]            # named architecture, "embedded", or "hf:<id or path>" (see bench.models)
+    devices = ["cpu"]                  # "cpu", "cuda", "cuda:1", ... one cell per device
+    dtype = "float32"
+    batch_sizes = [1, 4]
+    text_lengths = [48]                # text tokens; the prompt is the model's image tokens + these
+    new_tokens = [16]
+    methods = ["full", "prefixkv"]     # or "all": every method in prefixkv.METHODS
+    budgets = [0.1, 0.5]               # kept fraction of the prompt cache, in (0, 1]; `full` always runs at 1.0
+    repetitions = 3
+    warmup = 1
+    cpu_threads = 1                    # torch threads of CPU cells (0: torch's default)
+
+    [method_kwargs.prefixkv]           # optional hyper-parameters per method
+    min_keep = 4
+
+A cell is one (model, device, dtype, batch size, text length, new tokens, method, budget, hyper-parameters, seed,
+CPU threads);
+its key hashes exactly those fields, so results of the same cell from different machines or runs line up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+DTYPES = ("float32", "float16", "bfloat16")
+#: Fields of `[matrix]` and their expected Python types (lists hold the element type).
+_FIELDS: dict[str, tuple[type, bool]] = {
+    "name": (str, False),
+    "models": (str, True),
+    "devices": (str, True),
+    "dtype": (str, False),
+    "batch_sizes": (int, True),
+    "text_lengths": (int, True),
+    "new_tokens": (int, True),
+    "methods": (str, True),
+    "budgets": (float, True),
+    "repetitions": (int, False),
+    "warmup": (int, False),
+    "seed": (int, False),
+    "timeout_s": (float, False),
+    "cpu_threads": (int, False),
+}
+
+
+class MatrixError(ValueError):
+    """A matrix file or override that cannot be run; the message is one line naming the bad value."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: a configuration whose `key` identifies it across runs and machines."""
+
+    model: str
+    device: str
+    dtype: str
+    batch_size: int
+    text_tokens: int
+    new_tokens: int
+    method: str
+    budget: float
+    method_kwargs: Mapping[str, object] = field(default_factory=dict)
+    seed: int = 0
+    cpu_threads: int = 0
+    # Not part of the identity: how the cell is measured.
+    repetitions: int = 3
+    warmup: int = 1
+    timeout_s: float = 900.0
+
+    def identity(self) -> dict:
+        """The fields that define what is measured (and nothing about how often)."""
+        out = asdict(self)
+        for name in ("repetitions", "warmup", "timeout_s"):
+            out.pop(name)
+        out["method_kwargs"] = dict(sorted(self.method_kwargs.items()))
+        return out
+
+    @property
+    def key(self) -> str:
+        return _digest(self.identity())
+
+    @property
+    def shape_key(self) -> str:
+        """The key of the cell's workload without the method: cells sharing it are compared with each other."""
+        ident = self.identity()
+        for name in ("method", "budget", "method_kwargs"):
+            ident.pop(name)
+        return _digest(ident)
+
+    @property
+    def label(self) -> str:
+        return (
+            f"{self.model} {self.device} b{self.batch_size} t{self.text_tokens}+{self.new_tokens} "
+            f"{self.method}@{self.budget:g}"
+        )
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "method_kwargs": dict(self.method_kwargs)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Cell:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A validated matrix; `cells()` expands it."""
+
+    name: str
+    models: tuple[str, ...]
+    devices: tuple[str, ...] = ("cpu",)
+    dtype: str = "float32"
+    batch_sizes: tuple[int, ...] = (1,)
+    text_lengths: tuple[int, ...] = (32,)
+    new_tokens: tuple[int, ...] = (16,)
+    methods: tuple[str, ...] = ("full", "prefixkv")
+    budgets: tuple[float, ...] = (0.2,)
+    repetitions: int = 3
+    warmup: int = 1
+    seed: int = 0
+    timeout_s: float = 900.0
+    cpu_threads: int = 0
+    method_kwargs: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        """Every cell, workload-major (all methods of one workload run back to back). `full` runs once per
+        workload, at budget 1.0, whatever the budgets."""
+        out = []
+        for model in self.models:
+            for device in self.devices:
+                for batch in self.batch_sizes:
+                    for text in self.text_lengths:
+                        for new in self.new_tokens:
+                            for method in self.methods:
+                                budgets = (1.0,) if method == "full" else self.budgets
+                                for budget in budgets:
+                                    out.append(
+                                        Cell(
+                                            model=model, device=device, dtype=self.dtype, batch_size=batch,
+                                            text_tokens=text, new_tokens=new, method=method, budget=budget,
+                                            method_kwargs=dict(self.method_kwargs.get(method, {})),
+                                            seed=self.seed, cpu_threads=self.cpu_threads,
+                                            repetitions=self.repetitions, warmup=self.warmup,
+                                            timeout_s=self.timeout_s,
+                                        )
+                                    )
+        return out
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load(path: str | Path, overrides: Mapping[str, object] | None = None) -> Matrix:
+    """Read and validate a matrix file; `overrides` (field -> value, e.g. from the CLI) replace its fields."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise MatrixError(f"matrix file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise MatrixError(f"matrix file {str(path)!r} cannot be read: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise MatrixError(f"matrix file {str(path)!r} is not valid TOML: {err}") from None
+    return parse(raw, source=str(path), overrides=overrides, default_name=path.stem)
+
+
+def parse(
+    raw: Mapping[str, object],
+    *,
+    source: str = "<matrix>",
+    overrides: Mapping[str, object] | None = None,
+    default_name: str = "matrix",
+) -> Matrix:
+    """Validate a parsed TOML document (see the module docstring) into a `Matrix`."""
+    unknown_tables = set(raw) - {"matrix", "method_kwargs"}
+    if unknown_tables:
+        raise MatrixError(f"{source}: unknown table(s) {sorted(unknown_tables)}; expected [matrix], [method_kwargs.*]")
+    table = raw.get("matrix")
+    if not isinstance(table, Mapping):
+        raise MatrixError(f"{source}: missing the [matrix] table")
+    values = dict(table)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = set(values) - set(_FIELDS)
+    if unknown:
+        raise MatrixError(f"{source}: unknown field(s) {sorted(unknown)} in [matrix]; known: {', '.join(_FIELDS)}")
+    if "models" not in values:
+        raise MatrixError(f"{source}: [matrix] needs `models`")
+    fields = {name: _typed(source, name, value) for name, value in values.items()}
+    fields.setdefault("name", default_name)
+
+    from prefixkv import METHODS, check_budget
+
+    methods = fields.get("methods", Matrix.methods)
+    if methods == ("all",):
+        methods = tuple(METHODS)
+    for method in methods:
+        if method not in METHODS:
+            raise MatrixError(f"{source}: unknown method {method!r}; known: {', '.join(METHODS)}")
+    fields["methods"] = methods
+    for budget in fields.get("budgets", Matrix.budgets):
+        try:
+            check_budget(budget)
+        except ValueError as err:
+            raise MatrixError(f"{source}: {err}") from None
+    if fields.get("dtype", Matrix.dtype) not in DTYPES:
+        raise MatrixError(f"{source}: unknown dtype {fields['dtype']!r}; known: {', '.join(DTYPES)}")
+    for device in fields.get("devices", Matrix.devices):
+        if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise MatrixError(f"{source}: unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    for name in ("batch_sizes", "text_lengths", "new_tokens", "repetitions"):
+        for v in _as_tuple(fields.get(name, getattr(Matrix, name))):
+            if v < 1:
+                raise MatrixError(f"{source}: {name} must be >= 1, got {v}")
+    if fields.get("cpu_threads", 0) < 0:
+        raise MatrixError(f"{source}: cpu_threads must be >= 0 (0: torch's default), got {fields['cpu_threads']}")
+    if fields.get("warmup", 0) < 0:
+        raise MatrixError(f"{source}: warmup must be >= 0, got {fields['warmup']}")
+    timeout = fields.get("timeout_s", Matrix.timeout_s)
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise MatrixError(f"{source}: timeout_s must be > 0, got {timeout}")
+    for name, tup in fields.items():
+        if isinstance(tup, tuple) and not tup:
+            raise MatrixError(f"{source}: `{name}` is empty")
+
+    method_kwargs = raw.get("method_kwargs", {})
+    if not isinstance(method_kwargs, Mapping) or not all(isinstance(v, Mapping) for v in method_kwargs.values()):
+        raise MatrixError(f"{source}: [method_kwargs] must hold one table per method, e.g. [method_kwargs.h2o]")
+    for method, kwargs in method_kwargs.items():
+        if method not in METHODS:
+            known = ", ".join(METHODS)
+            raise MatrixError(f"{source}: [method_kwargs.{method}] names an unknown method; known: {known}")
+        try:
+            METHODS[method](**kwargs)
+        except (TypeError, ValueError) as err:
+            raise MatrixError(f"{source}: [method_kwargs.{method}] {err}") from None
+    return Matrix(**fields, method_kwargs={k: dict(v) for k, v in method_kwargs.items()})
+
+
+def _as_tuple(v: object) -> tuple:
+    return v if isinstance(v, tuple) else (v,)
+
+
+def _typed(source: str, name: str, value: object) -> object:
+    kind, is_list = _FIELDS[name]
+    items = value if isinstance(value, list | tuple) else None
+    if is_list:
+        if items is None:
+            items = [value] if not isinstance(value, Mapping) else None
+        if items is None:
+            raise MatrixError(f"{source}: `{name}` must be a list of {kind.__name__}, got {value!r}")
+        return tuple(_scalar(source, name, v, kind) for v in items)
+    if items is not None:
+        raise MatrixError(f"{source}: `{name}` must be a single {kind.__name__}, got {value!r}")
+    return _scalar(source, name, value, kind)
+
+
+def _scalar(source: str, name: str, value: object, kind: type) -> object:
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    raise MatrixError(f"{source}: `{name}` must hold {kind.__name__} values, got {value!r}")
+
+
+def parse_list(text: str, kind: type, option: str) -> tuple:
+    """A comma-separated CLI value (`--budgets 0.1,0.2`) as a tuple of `kind`; MatrixError names the bad item."""
+    out = []
+    for item in (s.strip() for s in text.split(",")):
+        try:
+            out.append(kind(item))
+        except ValueError:
+            raise MatrixError(f"{option}: {item!r} is not a valid {kind.__name__}") from None
+    return tuple(out)
+
+
+def select(cells: Iterable[Cell], keys: Sequence[str] | None) -> list[Cell]:
+    """The cells whose key starts with one of `keys` (all cells when `keys` is empty)."""
+    cells = list(cells)
+    return cells if not keys else [c for c in cells if any(c.key.startswith(k) for k in keys)]
+
+
+__all__ = ["DTYPES", "Cell", "Matrix", "MatrixError", "load", "parse", "parse_list", "select"]

@@ -1,0 +1,197 @@
+"""Model specs a matrix can name, how to build them, and the prompts fed to them.
+
+A spec is one string:
+- a named architecture with random weights: `tiny-llava`, `tiny-llama` (a few MB, for CPU runs and tests),
+  `llava-1.5-7b` (LLaVA-1.5-7B's exact vision and text shapes: CLIP ViT-L/14-336 + Llama-2-7B; built from a config
+  straight on the target device, nothing downloaded);
+- `embedded`: the small trained LLaVA shipped in `bench/embedded`, fed its own evaluation prompts (scene images and
+  a describe instruction; `text_lengths` does not apply): its outputs mean something, so its quality figures do;
+- `hf:<id or path>`: a checkpoint from the Hugging Face hub cache or a local directory, when you have the weights.
+
+Prompts are random token ids (seeded) of the requested text length, preceded for LLaVA by the model's image tokens
+and accompanied by random pixels: the cost of a KV-cache method depends on shapes, not on content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+NAMED = ("tiny-llava", "tiny-llama", "llava-1.5-7b")
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be built; the message is one line naming it."""
+
+
+@dataclass
+class Loaded:
+    """A built model and the function that makes its prompts: `make_inputs(batch, text_tokens, seed)` -> dict."""
+
+    model: torch.nn.Module
+    image_tokens: int
+    make_inputs: Callable[[int, int, int], dict]
+
+
+def _tiny_text(**over) -> dict:
+    return dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False, **over,
+    )
+
+
+def config_for(spec: str):
+    """The transformers config of `spec` (cheap: no weights), or ModelError naming the spec."""
+    from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    if spec == "tiny-llama":
+        return LlamaConfig(**_tiny_text())
+    if spec == "tiny-llava":
+        vision = CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8, projection_dim=32,
+        )
+        return LlavaConfig(
+            vision_config=vision, text_config=LlamaConfig(**_tiny_text()), image_token_index=511,
+            vision_feature_layer=-2, vision_feature_select_strategy="default",
+        )
+    if spec == "llava-1.5-7b":
+        vision = CLIPVisionConfig(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+            patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+        )
+        text = LlamaConfig(
+            vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        )
+        return LlavaConfig(
+            vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2,
+            vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        )
+    if spec == "embedded":
+        from transformers import AutoConfig
+
+        checkpoint = _embedded().CHECKPOINT
+        if not (checkpoint / "config.json").is_file():
+            raise ModelError(f"model 'embedded' has no checkpoint at {checkpoint} (python -m bench.embedded.train)")
+        return AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    if spec.startswith("hf:"):
+        name = spec[3:]
+        try:
+            return AutoConfig.from_pretrained(name)
+        except Exception as err:  # noqa: BLE001 - any failure means "cannot be built", said in one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelError(f"model {spec!r} cannot be loaded: {first}") from None
+    raise ModelError(f"unknown model {spec!r}; use one of {', '.join(NAMED)}, 'embedded', or 'hf:<id or path>'")
+
+
+def check(spec: str) -> None:
+    """Raise ModelError (one line) when `spec` cannot be built; cheap enough to run before a sweep."""
+    config_for(spec)
+
+
+def _embedded():
+    try:
+        import bench.embedded as embedded
+    except ImportError as err:
+        raise ModelError(f"model 'embedded' is not available ({err}); use 'tiny-llava' meanwhile") from None
+    for name in ("load", "build_inputs", "eval_pairs", "CHECKPOINT"):
+        if not hasattr(embedded, name):
+            raise ModelError(f"model 'embedded' is not available: bench.embedded has no {name}")
+    return embedded
+
+
+def image_tokens_of(config) -> int:
+    """Image tokens per prompt: 0 for a text model; for LLaVA the patches (plus CLS under the 'full' strategy)."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return 0
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
+
+
+def build(spec: str, device: str, dtype: str) -> Loaded:
+    """Build `spec` on `device` in `dtype` (random weights for named architectures), in eval mode."""
+    torch_dtype = getattr(torch, dtype)
+    if spec == "embedded":
+        embedded = _embedded()
+        model, tokenizer = embedded.load(device)
+        model = model.to(device=device, dtype=torch_dtype).eval()
+        return Loaded(model, image_tokens_of(model.config), _embedded_inputs(embedded, tokenizer, device, dtype))
+    elif spec.startswith("hf:"):
+        from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
+
+        config = AutoConfig.from_pretrained(spec[3:])
+        cls = LlavaForConditionalGeneration if hasattr(config, "vision_config") else AutoModelForCausalLM
+        model = cls.from_pretrained(spec[3:], dtype=torch_dtype, device_map=device)
+    else:
+        from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+
+        config = config_for(spec)
+        cls = LlavaForConditionalGeneration if hasattr(config, "vision_config") else LlamaForCausalLM
+        # Seeded, so that a cell and its full-cache reference (and every rerun) see the same weights.
+        torch.manual_seed(0)
+        # Initialised directly on the device in the target dtype: a 7B model never passes through host memory.
+        with torch.device(device):
+            model = cls._from_config(config, dtype=torch_dtype)
+    model.eval()
+    config = model.config
+    return Loaded(model=model, image_tokens=image_tokens_of(config), make_inputs=_input_maker(config, device, dtype))
+
+
+def _input_maker(config, device: str, dtype: str) -> Callable[[int, int, int], dict]:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    vocab = text.vocab_size
+    image_token = getattr(config, "image_token_index", getattr(config, "image_token_id", None))
+    n_image = image_tokens_of(config)
+
+    def make_inputs(batch: int, text_tokens: int, seed: int) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        # Ids from the top 7/8 of the vocabulary, away from the special tokens at the bottom; never the image token.
+        ids = torch.randint(vocab // 8, vocab, (batch, text_tokens), generator=gen)
+        if image_token is not None:
+            ids[ids == image_token] = vocab // 8
+        out: dict[str, torch.Tensor] = {}
+        if n_image:
+            image = torch.full((batch, n_image), image_token, dtype=torch.long)
+            ids = torch.cat([ids[:, :1], image, ids[:, 1:]], dim=1)
+            vision = config.vision_config
+            out["pixel_values"] = torch.randn(
+                batch, vision.num_channels, vision.image_size, vision.image_size, generator=gen
+            ).to(device=device, dtype=getattr(torch, dtype))
+        out["input_ids"] = ids.to(device)
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+        return out
+
+    return make_inputs
+
+
+def _embedded_inputs(embedded, tokenizer, device: str, dtype: str) -> Callable[[int, int, int], dict]:
+    """The embedded model's own evaluation prompts (scene images + a describe instruction): its outputs, hence its
+    quality figures, mean something. Their text length is the instruction's, whatever `text_tokens` asks."""
+
+    def make_inputs(batch: int, text_tokens: int, seed: int) -> dict:
+        inputs = embedded.build_inputs(tokenizer, embedded.eval_pairs("describe", batch), device=device)
+        if "attention_mask" in inputs and not bool(inputs["attention_mask"].bool().all()):
+            raise ValueError("the embedded model's describe prompts differ in length; use batch size 1")
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, dtype))
+        return dict(inputs)
+
+    return make_inputs
+
+
+def describe(spec: str) -> Mapping[str, object]:
+    """A few facts about a spec for the results rows: layers, heads, image tokens."""
+    config = config_for(spec)
+    if config is None:
+        return {}
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return {
+        "model_layers": text.num_hidden_layers,
+        "model_kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        "model_hidden": text.hidden_size,
+        "image_tokens": image_tokens_of(config),
+    }

@@ -1,0 +1,119 @@
+"""The matrix file and the CLI's input checks: valid files expand to stable cells, bad input is one line + exit 2."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import prefixkv
+from bench import matrix
+from bench.cli import main
+
+MATRICES = Path(__file__).parent.parent / "bench" / "matrices"
+
+GOOD = """
+[matrix]
+models = ["tiny-llava"]
+batch_sizes = [1, 2]
+text_lengths = [8]
+new_tokens = [4]
+methods = ["full", "h2o", "prefixkv"]
+budgets = [0.1, 0.5]
+repetitions = 2
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["default.toml", "gpu.toml", "regress.toml"])
+def test_shipped_matrices_parse(name):
+    mx = matrix.load(MATRICES / name)
+    cells = mx.cells()
+    assert cells and len({c.key for c in cells}) == len(cells)
+    assert {c.method for c in cells} <= set(prefixkv.METHODS)
+
+
+def test_expansion_and_keys(tmp_path):
+    cells = matrix.load(_write(tmp_path, GOOD)).cells()
+    # full runs once per workload, at 1.0; the others at every budget.
+    assert len(cells) == 2 * (1 + 2 * 2)
+    assert {c.budget for c in cells if c.method == "full"} == {1.0}
+    again = matrix.load(_write(tmp_path, GOOD)).cells()
+    assert [c.key for c in cells] == [c.key for c in again]
+    # How a cell is measured is not what it is: repetitions leave the key alone, a budget changes it.
+    c = cells[1]
+    assert replace(c, repetitions=9).key == c.key
+    assert replace(c, budget=0.7).key != c.key
+    assert replace(c, budget=0.7).shape_key == c.shape_key
+    assert matrix.Cell.from_json(c.to_json()) == c
+
+
+def test_overrides_and_all_methods(tmp_path):
+    mx = matrix.load(_write(tmp_path, GOOD), {"methods": ["all"], "budgets": [0.3]})
+    assert set(mx.methods) == set(prefixkv.METHODS)
+    assert {c.budget for c in mx.cells() if c.method != "full"} == {0.3}
+
+
+BAD = {
+    "not toml": ("[matrix\nmodels = 1", "not valid TOML"),
+    "no table": ("x = 1", "unknown table"),
+    "unknown method": (GOOD.replace('"h2o"', '"h2x"'), "unknown method 'h2x'"),
+    "budget zero": (GOOD.replace("[0.1, 0.5]", "[0.0]"), "budget must be in (0, 1], got 0.0"),
+    "budget above one": (GOOD.replace("[0.1, 0.5]", "[1.5]"), "got 1.5"),
+    "unknown field": (GOOD + "colour = 'red'\n", "unknown field(s) ['colour']"),
+    "wrong type": (GOOD.replace("[1, 2]", '["one"]'), "`batch_sizes` must hold int values, got 'one'"),
+    "empty list": (GOOD.replace("[0.1, 0.5]", "[]"), "`budgets` is empty"),
+    "bad dtype": (GOOD + 'dtype = "float8"\n', "unknown dtype 'float8'"),
+    "bad device": (GOOD + 'devices = ["tpu"]\n', "unknown device 'tpu'"),
+    "bad kwargs": (GOOD + "[method_kwargs.h2o]\nmin_keep = 0\n", "min_keep"),
+    "unknown model": (GOOD.replace('"tiny-llava"', '"llava-99b"'), "unknown model 'llava-99b'"),
+    "missing checkpoint": (GOOD.replace('"tiny-llava"', '"hf:/nonexistent/ckpt"'), "hf:/nonexistent/ckpt"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_matrix_is_one_line_and_exit_2(tmp_path, capsys, case):
+    text, expected = BAD[case]
+    code = main(["run", "--matrix", str(_write(tmp_path, text)), "--results", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing ran
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--methods", "prefixkv,nope"], "unknown method 'nope'"),
+        (["--budgets", "0.1,2"], "got 2.0"),
+        (["--budgets", "0.1,abc"], "--budgets: 'abc' is not a valid float"),
+        (["--batch-sizes", "0"], "batch_sizes must be >= 1"),
+        (["--models", "hf:/no/such/dir"], "hf:/no/such/dir"),
+    ],
+)
+def test_bad_cli_overrides(tmp_path, capsys, args, expected):
+    code = main(["run", "--matrix", str(_write(tmp_path, GOOD)), "--results", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_file_and_bad_verb(tmp_path, capsys):
+    assert main(["run", "--matrix", str(tmp_path / "none.toml"), "--results", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_dry_run_lists_cells(tmp_path, capsys):
+    assert main(["run", "--matrix", str(_write(tmp_path, GOOD)), "--results", str(tmp_path / "r"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 10 and all(len(line.split()[0]) == 16 for line in lines)

@@ -1,0 +1,181 @@
+"""The runner end to end on CPU: per-cell isolation of crashes, resume after kill -9, the gate on real runs, and
+the HTML report checked in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import store
+from bench.cli import main
+
+ROOT = Path(__file__).parent.parent
+# Small enough that a cell is a few seconds on one CPU core, most of it interpreter start-up.
+TINY = """
+[matrix]
+name = "tiny"
+models = ["tiny-llava"]
+batch_sizes = [1]
+text_lengths = [16]
+new_tokens = [6]
+methods = [{methods}]
+budgets = [0.25]
+repetitions = 2
+warmup = 1
+timeout_s = 120
+cpu_threads = 1
+"""
+
+
+def _matrix(tmp_path: Path, methods: str) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.format(methods=methods))
+    return path
+
+
+def _bench(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True,
+        text=True, timeout=600, **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def sweep_with_failures(tmp_path_factory):
+    """One sweep where two cells succeed and three fail in three different ways."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = _matrix(tmp, '"full", "h2o", "snapkv", "streaming_llm", "prefixkv"')
+    faults = "exit:h2o,raise:snapkv,oom:streaming_llm"
+    proc = _bench("run", "--matrix", str(path), "--results", str(tmp / "results"), env={"BENCH_TEST_FAULT": faults})
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "results", proc
+
+
+def test_failures_are_outcomes_and_the_sweep_goes_on(sweep_with_failures):
+    results, proc = sweep_with_failures
+    frame = store.load(results)
+    status = frame.groupby("method")["status"].first().to_dict()
+    assert status == {"full": "ok", "prefixkv": "ok", "h2o": "crash", "snapkv": "error", "streaming_llm": "oom"}
+    errors = frame.groupby("method")["error"].first()
+    assert "exit code 3" in errors["h2o"] and "injected failure" in errors["snapkv"]
+    assert "out of memory" in errors["streaming_llm"]
+    assert "5 cells run, 0 skipped, 3 failed" in proc.stdout
+
+
+def test_rows_carry_measurements_config_and_environment(sweep_with_failures):
+    frame = store.load(sweep_with_failures[0])
+    ok = frame[frame["status"] == "ok"]
+    assert len(ok) == 2 * 2  # two cells x two repetitions
+    row = ok[ok["method"] == "prefixkv"].iloc[0]
+    assert row["prefill_s"] > 0 and row["decode_s"] > 0 and row["tokens_per_s"] > 0
+    assert len(row["decode_steps_s"]) == 5 and row["decode_step_median_s"] > 0
+    assert len(row["kept_per_layer"]) == row["model_layers"] == len(row["kv_bytes_per_layer"])
+    assert 0 <= row["token_agreement"] <= 1 and 0 <= row["rouge_l"] <= 1 and row["perplexity"] > 1
+    assert row["peak_memory_bytes"] > 0 and row["peak_memory_source"] == "process peak RSS"
+    assert row["energy_j"] is None or row["energy_j"] != row["energy_j"]  # unavailable on CPU, never zero
+    assert row["telemetry_status"].startswith("unavailable")
+    assert row["budget"] == 0.25 and row["batch_size"] == 1 and row["prompt_length"] == 16 + 16
+    for col in ("env_torch", "env_transformers", "env_cpu", "env_date", "key", "run_id"):
+        assert row[col]
+    full = ok[ok["method"] == "full"].iloc[0]
+    assert full["token_agreement"] == 1.0 and full["kept_per_layer"].tolist() == [32] * len(full["kept_per_layer"])
+
+
+def test_resume_after_kill_minus_9(tmp_path):
+    path = _matrix(tmp_path, '"full", "prefixkv"')
+    results = tmp_path / "results"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "run", "--matrix", str(path), "--results", str(results)], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not store.parts([results]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and the cell in hand, mid-sweep
+    proc.wait()
+    done = {p.name for p in store.parts([results])}
+    assert len(done) == 1
+    rerun = _bench("run", "--matrix", str(path), "--results", str(results))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "1 of 2 cells already in" in rerun.stderr and "1 cells run, 1 skipped" in rerun.stdout
+    frame = store.load(results)
+    assert sorted(frame["method"].unique()) == ["full", "prefixkv"] and (frame["status"] == "ok").all()
+    assert done <= {p.name for p in store.parts([results])}  # nothing finished was lost or rewritten
+    assert not [p for p in (results / "parts").iterdir() if p.name.startswith(".")]
+    forced = _bench("run", "--matrix", str(path), "--results", str(results), "--force", "--methods", "full")
+    assert "1 cells run, 0 skipped" in forced.stdout
+
+
+def test_gate_on_real_runs_flags_injected_slowdown(tmp_path):
+    # Same machine, so absolute times are compared and no `full` cell is needed.
+    path = _matrix(tmp_path, '"prefixkv"')
+    base, cur = tmp_path / "base", tmp_path / "cur"
+    # Six repetitions a side: the fewest with which a Mann-Whitney test can reach p < 0.01.
+    reps = ("--repetitions", "6")
+    assert _bench("run", "--matrix", str(path), "--results", str(base), *reps).returncode == 0
+    slow = _bench(
+        "run", "--matrix", str(path), "--results", str(cur), *reps, env={"BENCH_TEST_SLOW_DECODE": "prefixkv:0.05"}
+    )
+    assert slow.returncode == 0, slow.stderr
+    gate = _bench("compare", str(base), str(cur))
+    assert gate.returncode == 1, gate.stdout
+    assert "regression(s)" in gate.stdout and "slower" in gate.stdout
+    # A/A: the same store against itself never flags.
+    assert _bench("compare", str(base), str(base)).returncode == 0
+
+
+CHECK_SCRIPT = """
+<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || e.type)), true);
+const origError = console.error;
+console.error = (...a) => { window.__errors.push(a.join(' ')); origError(...a); };
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images).map(i => i.complete && i.naturalWidth > 0);
+  const out = document.createElement('pre');
+  out.id = '__check';
+  out.textContent = JSON.stringify({errors: window.__errors, images: imgs});
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def test_report_renders_in_headless_chromium(sweep_with_failures, tmp_path):
+    results, _ = sweep_with_failures
+    out = tmp_path / "report" / "index.html"
+    assert main(["report", "--results", str(results), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") >= 4 and "No energy data" in page
+    assert "Failed cells" in page and "exit code 3" in page and "http://" not in page.replace("http://www.w3", "")
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    checked = tmp_path / "checked.html"
+    # The probe goes first in <head> so that it sees every error of the page proper.
+    checked.write_text(page.replace("<head>", "<head>" + CHECK_SCRIPT, 1))
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+    dom = proc.stdout
+    assert '<pre id="__check">' in dom, proc.stderr[-2000:]
+    state = json.loads(dom.split('<pre id="__check">', 1)[1].split("</pre>", 1)[0].replace("&quot;", '"'))
+    assert state["errors"] == []
+    assert len(state["images"]) >= 4 and all(state["images"])
