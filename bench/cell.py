@@ -129,6 +129,9 @@ def measure(cell: Cell) -> list[dict]:
         "kv_bytes_per_layer": [int(b) for b in stats.bytes],
         "kv_bytes_total": int(sum(stats.bytes)),
         "kept_per_layer": [int(k) for k in stats.kept],
+        "decode": stats.policy,
+        "held_per_layer": [int(h) for h in stats.held],
+        "evictions": int(sum(stats.evictions)),
         "kept_fraction": sum(stats.kept) / (len(stats.kept) * stats.prompt_length),
         "output_tokens": new,
         # Per sequence, then averaged over the batch; ROUGE-L reads token ids as words.

@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--text-lengths", help="comma-separated text lengths (tokens, after the image tokens)")
     run.add_argument("--new-tokens", help="comma-separated numbers of generated tokens")
     run.add_argument("--devices", help="comma-separated devices: cpu, cuda, cuda:N")
+    run.add_argument("--decode-policies", help="comma-separated decode policies: grow, fixed_position, score")
     run.add_argument("--dtype", help="float32, float16 or bfloat16")
     run.add_argument("--repetitions", type=int, help="timed repetitions per cell")
     run.add_argument("--warmup", type=int, help="untimed warm-up calls per cell")
@@ -68,7 +69,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
     lists = {
         "models": str, "methods": str, "budgets": float, "batch_sizes": int, "text_lengths": int,
-        "new_tokens": int, "devices": str,
+        "new_tokens": int, "devices": str, "decode_policies": str,
     }
     out: dict[str, object] = {}
     for name, kind in lists.items():
@@ -88,7 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     mx = matrix_mod.load(args.matrix, _overrides(args))
     for spec in mx.models:
         models.check(spec)
-    if any(d.startswith("cuda") for d in mx.devices):
+    # A dry run lists what would run, so it can be planned on a machine without the GPU.
+    if not args.dry_run and any(d.startswith("cuda") for d in mx.devices):
         import torch
 
         count = torch.cuda.device_count()

@@ -15,6 +15,9 @@ A matrix file has one `[matrix]` table (see `bench/matrices/default.toml` for ev
     warmup = 1
     cpu_threads = 1                    # torch threads of CPU cells (0: torch's default)
 
+    decode_policies = ["grow"]         # what happens to generated tokens (prefixkv.policy); `full` always grows
+    # workloads = [{batch = 16, text = 448, new = 512}]   # explicit shapes instead of the product of the three lists
+
     [method_kwargs.prefixkv]           # optional hyper-parameters per method
     min_keep = 4
 
@@ -26,6 +29,7 @@ its key hashes exactly those fields, so results of the same cell from different 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,7 +58,10 @@ _FIELDS: dict[str, tuple[type, bool]] = {
     "seed": (int, False),
     "timeout_s": (float, False),
     "cpu_threads": (int, False),
+    "decode_policies": (str, True),
 }
+#: Keys of one entry of `workloads`.
+_WORKLOAD_KEYS = ("batch", "text", "new")
 
 
 class MatrixError(ValueError):
@@ -102,10 +109,16 @@ class Cell:
         return _digest(ident)
 
     @property
+    def decode(self) -> str:
+        """The cell's decode-time policy."""
+        return str(self.method_kwargs.get("decode", "grow"))
+
+    @property
     def label(self) -> str:
+        policy = "" if self.decode == "grow" else f"/{self.decode}"
         return (
             f"{self.model} {self.device} b{self.batch_size} t{self.text_tokens}+{self.new_tokens} "
-            f"{self.method}@{self.budget:g}"
+            f"{self.method}@{self.budget:g}{policy}"
         )
 
     def to_json(self) -> str:
@@ -134,31 +147,38 @@ class Matrix:
     seed: int = 0
     timeout_s: float = 900.0
     cpu_threads: int = 0
+    decode_policies: tuple[str, ...] = ("grow",)
+    #: Explicit (batch, text, new) shapes; when set they replace the product of the three lists.
+    workloads: tuple[tuple[int, int, int], ...] | None = None
     method_kwargs: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """The (batch, text tokens, new tokens) workloads."""
+        if self.workloads is not None:
+            return list(self.workloads)
+        return list(itertools.product(self.batch_sizes, self.text_lengths, self.new_tokens))
 
     def cells(self) -> list[Cell]:
         """Every cell, workload-major (all methods of one workload run back to back). `full` runs once per
-        workload, at budget 1.0, whatever the budgets."""
-        out = []
-        for model in self.models:
-            for device in self.devices:
-                for batch in self.batch_sizes:
-                    for text in self.text_lengths:
-                        for new in self.new_tokens:
-                            for method in self.methods:
-                                budgets = (1.0,) if method == "full" else self.budgets
-                                for budget in budgets:
-                                    out.append(
-                                        Cell(
-                                            model=model, device=device, dtype=self.dtype, batch_size=batch,
-                                            text_tokens=text, new_tokens=new, method=method, budget=budget,
-                                            method_kwargs=dict(self.method_kwargs.get(method, {})),
-                                            seed=self.seed, cpu_threads=self.cpu_threads,
-                                            repetitions=self.repetitions, warmup=self.warmup,
-                                            timeout_s=self.timeout_s,
-                                        )
-                                    )
-        return out
+        workload, at budget 1.0 and with the `grow` policy, whatever the budgets and policies. A policy set in
+        `[method_kwargs.<method>]` (`decode = ...`) wins over `decode_policies` for that method."""
+        out: dict[str, Cell] = {}
+        for model, device, (batch, text, new) in itertools.product(self.models, self.devices, self.shapes()):
+            for method in self.methods:
+                budgets = (1.0,) if method == "full" else self.budgets
+                policies = ("grow",) if method == "full" else self.decode_policies
+                for policy, budget in itertools.product(policies, budgets):
+                    kwargs = dict(self.method_kwargs.get(method, {}))
+                    if policy != "grow":
+                        kwargs.setdefault("decode", policy)
+                    cell = Cell(
+                        model=model, device=device, dtype=self.dtype, batch_size=batch, text_tokens=text,
+                        new_tokens=new, method=method, budget=budget, method_kwargs=kwargs, seed=self.seed,
+                        cpu_threads=self.cpu_threads, repetitions=self.repetitions, warmup=self.warmup,
+                        timeout_s=self.timeout_s,
+                    )
+                    out.setdefault(cell.key, cell)
+        return list(out.values())
 
 
 def _digest(obj: object) -> str:
@@ -195,6 +215,7 @@ def parse(
         raise MatrixError(f"{source}: missing the [matrix] table")
     values = dict(table)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    workloads = _workloads(source, values.pop("workloads", None), values)
     unknown = set(values) - set(_FIELDS)
     if unknown:
         raise MatrixError(f"{source}: unknown field(s) {sorted(unknown)} in [matrix]; known: {', '.join(_FIELDS)}")
@@ -217,6 +238,11 @@ def parse(
             check_budget(budget)
         except ValueError as err:
             raise MatrixError(f"{source}: {err}") from None
+    from prefixkv.policy import POLICIES
+
+    for policy in fields.get("decode_policies", Matrix.decode_policies):
+        if policy not in POLICIES:
+            raise MatrixError(f"{source}: unknown decode policy {policy!r}; known: {', '.join(POLICIES)}")
     if fields.get("dtype", Matrix.dtype) not in DTYPES:
         raise MatrixError(f"{source}: unknown dtype {fields['dtype']!r}; known: {', '.join(DTYPES)}")
     for device in fields.get("devices", Matrix.devices):
@@ -248,7 +274,27 @@ def parse(
             METHODS[method](**kwargs)
         except (TypeError, ValueError) as err:
             raise MatrixError(f"{source}: [method_kwargs.{method}] {err}") from None
-    return Matrix(**fields, method_kwargs={k: dict(v) for k, v in method_kwargs.items()})
+    return Matrix(**fields, workloads=workloads, method_kwargs={k: dict(v) for k, v in method_kwargs.items()})
+
+
+def _workloads(source: str, raw: object, values: Mapping[str, object]) -> tuple[tuple[int, int, int], ...] | None:
+    """`workloads = [{batch = 16, text = 448, new = 512}, ...]` as (batch, text, new) tuples, validated."""
+    if raw is None:
+        return None
+    clash = [name for name in ("batch_sizes", "text_lengths", "new_tokens") if name in values]
+    if clash:
+        raise MatrixError(f"{source}: `workloads` replaces {', '.join(clash)}; give one or the other")
+    if not isinstance(raw, list) or not raw:
+        raise MatrixError(f"{source}: `workloads` must be a non-empty list of {{batch, text, new}} tables")
+    out = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, Mapping) or set(entry) != set(_WORKLOAD_KEYS):
+            raise MatrixError(f"{source}: workloads[{i}] must be a table with exactly batch, text, new; got {entry!r}")
+        shape = tuple(entry[k] for k in _WORKLOAD_KEYS)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
+            raise MatrixError(f"{source}: workloads[{i}] needs integers >= 1, got {entry!r}")
+        out.append(shape)
+    return tuple(out)
 
 
 def _as_tuple(v: object) -> tuple:

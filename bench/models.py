@@ -2,8 +2,8 @@
 
 A spec is one string:
 - a named architecture with random weights: `tiny-llava`, `tiny-llama` (a few MB, for CPU runs and tests),
-  `llava-1.5-7b` (LLaVA-1.5-7B's exact vision and text shapes: CLIP ViT-L/14-336 + Llama-2-7B; built from a config
-  straight on the target device, nothing downloaded);
+  `llava-1.5-7b` / `llava-1.5-13b` (LLaVA-1.5's exact vision and text shapes: CLIP ViT-L/14-336 + Llama-2-7B or
+  13B; built from a config straight on the target device, nothing downloaded);
 - `embedded`: the small trained LLaVA shipped in `bench/embedded`, fed its own evaluation prompts (scene images and
   a describe instruction; `text_lengths` does not apply): its outputs mean something, so its quality figures do;
 - `hf:<id or path>`: a checkpoint from the Hugging Face hub cache or a local directory, when you have the weights.
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-NAMED = ("tiny-llava", "tiny-llama", "llava-1.5-7b")
+#: LLaVA-1.5's language models (Llama-2 / Vicuna-1.5): hidden size, MLP size, layers, heads.
+LLAVA_15 = {"llava-1.5-7b": (4096, 11008, 32, 32), "llava-1.5-13b": (5120, 13824, 40, 40)}
+NAMED = ("tiny-llava", "tiny-llama", *LLAVA_15)
 
 
 class ModelError(ValueError):
@@ -42,6 +44,25 @@ def _tiny_text(**over) -> dict:
     )
 
 
+def _llava_15(hidden: int, intermediate: int, layers: int, heads: int):
+    """LLaVA-1.5's shapes: CLIP ViT-L/14-336 (576 image tokens) and a Llama-2 decoder of the given size."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+        patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=32064, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+
+
 def config_for(spec: str):
     """The transformers config of `spec` (cheap: no weights), or ModelError naming the spec."""
     from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
@@ -57,19 +78,8 @@ def config_for(spec: str):
             vision_config=vision, text_config=LlamaConfig(**_tiny_text()), image_token_index=511,
             vision_feature_layer=-2, vision_feature_select_strategy="default",
         )
-    if spec == "llava-1.5-7b":
-        vision = CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-            patch_size=14, projection_dim=768, hidden_act="quick_gelu",
-        )
-        text = LlamaConfig(
-            vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        )
-        return LlavaConfig(
-            vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2,
-            vision_feature_select_strategy="default", projector_hidden_act="gelu",
-        )
+    if spec in LLAVA_15:
+        return _llava_15(*LLAVA_15[spec])
     if spec == "embedded":
         from transformers import AutoConfig
 

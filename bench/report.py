@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
 
-from bench import store  # noqa: E402
+from bench import paper, store  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
 MIB = 2**20
@@ -69,6 +69,10 @@ def cells(frame: pd.DataFrame) -> pd.DataFrame:
         "b" + out["batch_size"].astype(str) + " · " + out["prompt_length"].astype(str) + "+"
         + out["new_tokens"].astype(str) + " tok"
     )
+    # A method under a decode policy other than `grow` is its own line in every figure: "prefixkv / score".
+    out["decode"] = out["decode"].fillna("grow") if "decode" in out else "grow"
+    out["method_name"] = out["method"]
+    out["method"] = np.where(out["decode"] == "grow", out["method"], out["method"] + " / " + out["decode"])
     return out.reset_index()
 
 
@@ -179,7 +183,7 @@ def _fig_tradeoff(c: pd.DataFrame) -> plt.Figure:
 
 
 def _fig_kept(c: pd.DataFrame) -> plt.Figure | None:
-    d = c[c["method"].isin(HEATMAP_METHODS)]
+    d = c[c["method_name"].isin(HEATMAP_METHODS) & (c["decode"] == "grow")]
     if d.empty:
         return None
     # One workload: the longest prompt at the smallest batch, on the first hardware.
@@ -268,6 +272,7 @@ def write_report(results: Sequence[str | Path], out: str | Path, *, title: str |
         frame = pd.DataFrame(columns=["status"])
     c = cells(frame)
     figs = figures(c)
+    published, measured = paper.comparison(frame)
     summary = c[[k for k in SUMMARY_COLUMNS if k in c]].rename(columns=SUMMARY_COLUMNS) if not c.empty else c
     if not summary.empty:
         summary = summary.sort_values(["hardware", "model", "workload", "method", "budget"])
@@ -286,6 +291,9 @@ def write_report(results: Sequence[str | Path], out: str | Path, *, title: str |
         summary=_table(summary) if not summary.empty else None,
         failures=_table(failed[fail_cols]) if len(failed) else None,
         environment=_table(env) if len(env) else None,
+        paper_source=paper.SOURCE,
+        paper_published=_table(published),
+        paper_measured=_table(measured) if len(measured) else None,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["default.toml", "gpu.toml", "regress.toml"])
+@pytest.mark.parametrize("name", ["default.toml", "gpu.toml", "regress.toml", "paper.toml"])
 def test_shipped_matrices_parse(name):
     mx = matrix.load(MATRICES / name)
     cells = mx.cells()
@@ -74,6 +74,13 @@ BAD = {
     "bad kwargs": (GOOD + "[method_kwargs.h2o]\nmin_keep = 0\n", "min_keep"),
     "unknown model": (GOOD.replace('"tiny-llava"', '"llava-99b"'), "unknown model 'llava-99b'"),
     "missing checkpoint": (GOOD.replace('"tiny-llava"', '"hf:/nonexistent/ckpt"'), "hf:/nonexistent/ckpt"),
+    "bad policy": (GOOD + 'decode_policies = ["lru"]\n', "unknown decode policy 'lru'"),
+    "workloads and lists": (GOOD + "workloads = [{batch = 1, text = 8, new = 4}]\n", "`workloads` replaces"),
+    "bad workload": (
+        GOOD.replace("batch_sizes = [1, 2]\ntext_lengths = [8]\nnew_tokens = [4]\n", "")
+        + "workloads = [{batch = 1, text = 8}]\n",
+        "workloads[0] must be a table with exactly batch, text, new",
+    ),
 }
 
 
@@ -117,3 +124,27 @@ def test_dry_run_lists_cells(tmp_path, capsys):
     assert main(["run", "--matrix", str(_write(tmp_path, GOOD)), "--results", str(tmp_path / "r"), "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 10 and all(len(line.split()[0]) == 16 for line in lines)
+
+
+def test_workloads_and_decode_policies(tmp_path):
+    text = GOOD.replace("batch_sizes = [1, 2]\ntext_lengths = [8]\nnew_tokens = [4]\n", "") + (
+        "workloads = [{batch = 16, text = 448, new = 512}, {batch = 48, text = 48, new = 256}]\n"
+        'decode_policies = ["fixed_position", "grow", "score"]\n'
+    )
+    cells = matrix.load(_write(tmp_path, text)).cells()
+    shapes = {(c.batch_size, c.text_tokens, c.new_tokens) for c in cells}
+    assert shapes == {(16, 448, 512), (48, 48, 256)}  # the listed pairs, not their product
+    # Per workload: full once (grow), and h2o, prefixkv x 2 budgets x 3 policies.
+    assert len(cells) == 2 * (1 + 2 * 2 * 3)
+    assert {c.decode for c in cells if c.method == "full"} == {"grow"}
+    assert {c.decode for c in cells if c.method == "h2o"} == {"grow", "fixed_position", "score"}
+    grow = next(c for c in cells if c.method == "h2o" and c.decode == "grow")
+    assert "decode" not in grow.method_kwargs  # `grow` cells keep the keys they had before policies existed
+    assert "/score" in next(c for c in cells if c.decode == "score").label
+
+
+def test_method_kwargs_policy_wins(tmp_path):
+    text = GOOD + 'decode_policies = ["grow", "score"]\n[method_kwargs.h2o]\ndecode = "fixed_position"\n'
+    cells = matrix.load(_write(tmp_path, text)).cells()
+    assert {c.decode for c in cells if c.method == "h2o"} == {"fixed_position"}
+    assert len({c.key for c in cells}) == len(cells)

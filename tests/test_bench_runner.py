@@ -161,6 +161,7 @@ def test_report_renders_in_headless_chromium(sweep_with_failures, tmp_path):
     page = out.read_text()
     assert page.count("data:image/png;base64,") >= 4 and "No energy data" in page
     assert "Failed cells" in page and "exit code 3" in page and "http://" not in page.replace("http://www.w3", "")
+    assert "Against the paper" in page and "This store has no cell at the paper's shapes" in page
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")

@@ -1,0 +1,66 @@
+"""PrefixKV's published efficiency figures, and our measured cells at the same shapes beside them.
+
+The published rows are the paper's (Wang et al., arXiv 2412.03409, efficiency comparison on LLaVA-1.5-7B with the
+fixed-position decode protocol); `bench/matrices/paper.toml` measures the same shapes here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+SOURCE = "Wang et al., PrefixKV, arXiv 2412.03409: LLaVA-1.5-7B, budget 20%, fixed-position decoding"
+
+#: (batch, prompt tokens, generated tokens) -> the paper's throughput in tokens/s (None: out of memory).
+PUBLISHED = [
+    {"model": "llava-1.5-7b", "batch": 16, "prompt": 1024, "new": 512, "method": "full", "budget": 1.0,
+     "tokens_per_s": 267.0, "status": "ok"},
+    {"model": "llava-1.5-7b", "batch": 16, "prompt": 1024, "new": 512, "method": "prefixkv", "budget": 0.2,
+     "tokens_per_s": 487.0, "status": "ok"},
+    {"model": "llava-1.5-7b", "batch": 48, "prompt": 624, "new": 256, "method": "full", "budget": 1.0,
+     "tokens_per_s": None, "status": "oom"},
+    {"model": "llava-1.5-7b", "batch": 48, "prompt": 624, "new": 256, "method": "prefixkv", "budget": 0.2,
+     "tokens_per_s": None, "status": "ok"},
+]
+
+_SHAPE = ["model", "batch", "prompt", "new"]
+
+
+def published() -> pd.DataFrame:
+    """The paper's rows with their speed-up over the full cache at the same shape."""
+    table = pd.DataFrame(PUBLISHED)
+    full = table[table["method"] == "full"].set_index(_SHAPE)["tokens_per_s"].rename("full_tokens_per_s")
+    table = table.join(full, on=_SHAPE)
+    table["speedup"] = table["tokens_per_s"] / table["full_tokens_per_s"]
+    return table.drop(columns="full_tokens_per_s")
+
+
+def comparison(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the published rows, our cells at the paper's shapes): for each of our cells the median end-to-end tokens/s
+    (generated tokens over the whole generate call, as the paper counts them), peak memory, status, and the
+    speed-up over our full cache at the same shape on the same hardware."""
+    pub = published()
+    needed = {"model", "batch_size", "prompt_length", "new_tokens", "method", "budget", "status"}
+    if frame.empty or not needed <= set(frame.columns):
+        return pub, pd.DataFrame()
+    shapes = set(zip(pub["model"], pub["batch"], pub["prompt"], pub["new"], strict=True))
+    rows = frame.copy()
+    # Failed cells have no prompt_length: the prompt is the model's 576 image tokens plus the text.
+    prompt = rows["prompt_length"].fillna(rows.get("text_tokens", np.nan) + 576)
+    rows = rows.assign(prompt=prompt, batch=rows["batch_size"], new=rows["new_tokens"])
+    rows = rows[[s in shapes for s in zip(rows["model"], rows["batch"], rows["prompt"], rows["new"], strict=True)]]
+    if rows.empty:
+        return pub, pd.DataFrame()
+    rows["decode"] = rows["decode"].fillna("grow") if "decode" in rows else "grow"
+    rows["hardware"] = rows["device_name"].fillna(rows["env_machine"]) if "device_name" in rows else rows["env_machine"]
+    group = ["hardware", *_SHAPE, "method", "budget", "decode"]
+    ok = rows[rows["status"] == "ok"]
+    measured = ok.groupby(group).agg(tokens_per_s=("tokens_per_s", "median"),
+                                     peak_memory_gib=("peak_memory_bytes", lambda b: b.max() / 2**30))
+    failed = rows[rows["status"] != "ok"].groupby(group)["status"].first()
+    table = measured.join(failed, how="outer").reset_index()
+    table["status"] = table["status"].fillna("ok")
+    full = table[table["method"] == "full"].set_index(["hardware", *_SHAPE])["tokens_per_s"].rename("full")
+    table = table.join(full, on=["hardware", *_SHAPE])
+    table["speedup"] = table["tokens_per_s"] / table["full"]
+    return pub, table.drop(columns="full").sort_values(group)
