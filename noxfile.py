@@ -47,6 +47,30 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def kernels(session: nox.Session) -> None:
+    """Time the Triton kernels against their torch baselines and the copy bandwidth (`python -m bench.kernels`)."""
+    _install(session, ".")
+    args = session.posargs or ["--out", str(ROOT / "reports" / "kernels.json")]
+    session.run("python", "-m", "bench.kernels", *args)
+
+
+@nox.session(default=False)
+def quality(session: nox.Session) -> None:
+    """The embedded model's quality table: every method x budget, task scores and agreement with the full cache."""
+    _install(session, ".")
+    args = session.posargs or ["--methods", "all", "--budgets", "0.1,0.2,0.3,0.5,1.0"]
+    session.run("python", "-m", "bench.embedded.evaluate", *args)
+
+
+@nox.session(name="train-embedded", default=False)
+def train_embedded(session: nox.Session) -> None:
+    """Train the embedded model from scratch (about 30 minutes on 2 cores), then recalibrate its PrefixKV profile."""
+    _install(session, ".")
+    session.run("python", "-m", "bench.embedded.train", *session.posargs)
+    session.run("python", "-m", "bench.embedded.calibrate")
+
+
+@nox.session(default=False)
 def regress(session: nox.Session) -> None:
     """Gate on performance: the regress matrix on a baseline ref (posargs[0], default HEAD) vs the working tree."""
     _install(session, ".")
