@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The test models are tiny: one thread is as fast, and on a loaded 2-core machine two threads spin against the load
+# (seen here: 0.03 s with one thread, 7 s with two, for the same generate call).
+torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 
