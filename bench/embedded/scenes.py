@@ -1,0 +1,206 @@
+"""Seeded synthetic scenes - coloured shapes on a noisy grid - and instructions with reference answers.
+
+A scene is a `GRID` x `GRID` board of `CELL`-pixel cells; each object has a colour, a shape, a size and a cell.
+No two objects share a (colour, shape) pair, so "the blue square" always names one object. Rows and columns are
+numbered from 1, top-left first. Every answer is a plain string of space-separated vocabulary words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+GRID = 4
+CELL = 16
+IMAGE_SIZE = GRID * CELL
+MIN_OBJECTS, MAX_OBJECTS = 4, 6
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 230),
+    "yellow": (230, 210, 40),
+    "purple": (150, 50, 190),
+    "orange": (240, 140, 30),
+    "white": (235, 235, 235),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = ("small", "large")
+# two words each, so that every relation question has the same length
+DIRECTIONS: dict[str, tuple[int, int]] = {
+    "left of": (0, -1),
+    "right of": (0, 1),
+    "just above": (-1, 0),
+    "just below": (1, 0),
+}
+KINDS = ("describe", "count", "lookup", "relation")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NOTHING = "nothing"
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    colour: str
+    shape: str
+    size: str
+    row: int  # 1-based
+    col: int  # 1-based
+
+    def phrase(self) -> str:
+        """'a large red circle' (5 words with the article)."""
+        return f"a {self.size} {self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    seed: int
+    objects: tuple[SceneObject, ...]
+    background: tuple[int, int, int]
+
+    def at(self, row: int, col: int) -> SceneObject | None:
+        for obj in self.objects:
+            if (obj.row, obj.col) == (row, col):
+                return obj
+        return None
+
+    def find(self, colour: str, shape: str) -> SceneObject | None:
+        for obj in self.objects:
+            if (obj.colour, obj.shape) == (colour, shape):
+                return obj
+        return None
+
+    def sorted_objects(self) -> list[SceneObject]:
+        """Objects in reading order (row by row, left to right): the order of the description."""
+        return sorted(self.objects, key=lambda o: (o.row, o.col))
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One task for one scene: `kind` is in `KINDS`, `question` the instruction text, `answer` the reference."""
+
+    kind: str
+    question: str
+    answer: str
+
+
+def make_scene(seed: int) -> Scene:
+    """Draw a scene from `seed` alone (the same seed gives the same scene everywhere)."""
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    rng = np.random.default_rng([int(seed), 0])
+    n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    cells = rng.choice(GRID * GRID, size=n, replace=False)
+    pairs = rng.choice(len(COLOURS) * len(SHAPES), size=n, replace=False)
+    colours = list(COLOURS)
+    objects = []
+    for cell, pair in zip(cells, pairs, strict=True):
+        objects.append(
+            SceneObject(
+                colour=colours[int(pair) // len(SHAPES)],
+                shape=SHAPES[int(pair) % len(SHAPES)],
+                size=SIZES[int(rng.integers(2))],
+                row=int(cell) // GRID + 1,
+                col=int(cell) % GRID + 1,
+            )
+        )
+    background = tuple(int(v) for v in rng.integers(40, 100, size=3))
+    return Scene(seed=int(seed), objects=tuple(objects), background=background)
+
+
+def render(scene: Scene) -> np.ndarray:
+    """The scene as a (IMAGE_SIZE, IMAGE_SIZE, 3) uint8 image: shapes drawn over a noisy background, then pixel
+    noise and a small random offset per object so that patches are not pixel-identical templates."""
+    rng = np.random.default_rng([scene.seed, 1])
+    base = np.asarray(scene.background, dtype=np.float32)
+    img = base + rng.normal(0.0, 18.0, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene.objects:
+        half = (6.5 if obj.size == "large" else 3.5) + rng.uniform(-0.5, 0.5)
+        cx = (obj.col - 1) * CELL + CELL / 2 + rng.uniform(-1.0, 1.0)
+        cy = (obj.row - 1) * CELL + CELL / 2 + rng.uniform(-1.0, 1.0)
+        jitter = rng.integers(-20, 21, size=3)
+        fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[obj.colour], jitter, strict=True))
+        box = (cx - half, cy - half, cx + half, cy + half)
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=fill)
+        elif obj.shape == "triangle":
+            draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+        else:
+            bar = max(1.0, half / 2.5)
+            draw.rectangle((cx - half, cy - bar, cx + half, cy + bar), fill=fill)
+            draw.rectangle((cx - bar, cy - half, cx + bar, cy + half), fill=fill)
+    out = np.asarray(canvas, dtype=np.float32) + rng.normal(0.0, 8.0, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def describe(scene: Scene) -> str:
+    """The full description: the object count, then every object with size, colour, shape and cell."""
+    parts = [f"there are {NUMBER_WORDS[len(scene.objects)]} shapes ."]
+    for obj in scene.sorted_objects():
+        parts.append(f"{obj.phrase()} at row {obj.row} column {obj.col} .")
+    return " ".join(parts)
+
+
+def instruction(scene: Scene, kind: str, seed: int | None = None) -> Instruction:
+    """An instruction of `kind` about `scene` with its reference answer; `seed` picks the question (by default the
+    scene's seed). Questions of one kind always have the same number of words."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown instruction kind {kind!r}; expected one of {KINDS}")
+    rng = np.random.default_rng([scene.seed if seed is None else int(seed), 2, KINDS.index(kind)])
+    if kind == "describe":
+        return Instruction(kind, "describe the image .", describe(scene))
+    if kind == "count":
+        present = rng.random() < 0.75
+        if rng.random() < 0.5:
+            pool = sorted({o.colour for o in scene.objects}) if present else list(COLOURS)
+            colour = pool[int(rng.integers(len(pool)))]
+            n = sum(o.colour == colour for o in scene.objects)
+            return Instruction(kind, f"how many shapes are {colour} ?", NUMBER_WORDS[n])
+        pool = sorted({o.shape for o in scene.objects}) if present else list(SHAPES)
+        shape = pool[int(rng.integers(len(pool)))]
+        n = sum(o.shape == shape for o in scene.objects)
+        return Instruction(kind, f"how many shapes are {shape}s ?", NUMBER_WORDS[n])
+    if kind == "lookup":
+        if rng.random() < 0.75:
+            obj = scene.objects[int(rng.integers(len(scene.objects)))]
+            row, col = obj.row, obj.col
+        else:
+            row, col = (int(v) + 1 for v in rng.integers(GRID, size=2))
+        found = scene.at(row, col)
+        return Instruction(kind, f"what is in row {row} column {col} ?", found.phrase() if found else NOTHING)
+    # relation: prefer (object, direction) pairs with a neighbour, so that "nothing" is not the usual answer
+    pairs = [(o, d) for o in scene.objects for d in DIRECTIONS]
+    with_neighbour = [(o, d) for o, d in pairs if _neighbour(scene, o, d) is not None]
+    pool = with_neighbour if with_neighbour and rng.random() < 0.7 else pairs
+    obj, direction = pool[int(rng.integers(len(pool)))]
+    found = _neighbour(scene, obj, direction)
+    question = f"what is {direction} the {obj.colour} {obj.shape} ?"
+    return Instruction(kind, question, relation_answer(obj, found))
+
+
+def relation_answer(obj: SceneObject, found: SceneObject | None) -> str:
+    """'row 2 column 3 , a small red circle': first where the named object is (one hop: find it), then what is in the
+    neighbouring cell (a second hop: look that cell up), or 'nothing'. Stating the intermediate cell makes the
+    two-hop question learnable for a small decoder, and the answer is still checked in full."""
+    return f"row {obj.row} column {obj.col} , {found.phrase() if found else NOTHING}"
+
+
+def _neighbour(scene: Scene, obj: SceneObject, direction: str) -> SceneObject | None:
+    """The object in the cell directly `direction` of `obj` (same row or column, one step), if any."""
+    dr, dc = DIRECTIONS[direction]
+    return scene.at(obj.row + dr, obj.col + dc)
+
+
+def vocabulary() -> list[str]:
+    """Every word an instruction or answer can use (the tokenizer's vocabulary, special tokens aside)."""
+    words = {"there", "are", "shapes", ".", ",", "?", "a", "at", "row", "column", "describe", "the", "image", "how",
+             "many", "what", "is", "in", NOTHING}
+    words.update(COLOURS, SHAPES, (s + "s" for s in SHAPES), SIZES, NUMBER_WORDS)
+    words.update(w for phrase in DIRECTIONS for w in phrase.split())
+    words.update(str(i) for i in range(1, GRID + 1))
+    return sorted(words)
