@@ -33,6 +33,7 @@ def test_registry_names_and_docs():
         ("pyramidkv", {"beta": 0.5}, "beta"),
         ("streaming_llm", {"sinks": -1}, "sinks"),
         ("uniform", {"min_keep": 0}, "min_keep"),
+        ("prefixkv", {"recent": -1}, "recent"),
         ("prefixkv", {"temperature": 2}, "temperature"),
         ("prefixkv", {"profile": "/nonexistent/profile.json"}, "profile not found"),
     ],
@@ -52,6 +53,13 @@ def test_snapkv_keeps_window():
     positions = build_method("snapkv", window=8).select(scores, 12)
     assert positions.shape == (2, 3, 12)
     assert (positions[..., -8:] == torch.arange(42, 50)).all()
+
+
+def test_recent_protects_the_end_of_the_prompt():
+    scores = torch.zeros(1, 1, 30)
+    scores[0, 0, :5] = 1.0  # causal accumulation favours early positions
+    assert build_method("uniform").select(scores, 5)[0, 0].tolist() == [0, 1, 2, 3, 4]
+    assert build_method("prefixkv", recent=3).select(scores, 5)[0, 0].tolist() == [0, 1, 27, 28, 29]
 
 
 def test_h2o_recent_and_heavy_hitters():

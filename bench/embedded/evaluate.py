@@ -203,6 +203,16 @@ def _parse_budgets(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"budgets must be comma-separated numbers, got {text!r}") from None
 
 
+def _parse_kwargs(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
@@ -211,6 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--profile", default=None, help="calibration profile (JSON) for the prefixkv method")
+    parser.add_argument(
+        "--method-kwargs", default=None, type=_parse_kwargs,
+        help='hyper-parameters for every listed method, as JSON (e.g. \'{"recent": 8}\'); rows are labelled with them',
+    )
     parser.add_argument("--checkpoint", default=None, help="model directory (default: the shipped checkpoint)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="also write the table to FILE.csv or FILE.md")
@@ -230,11 +244,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.out and Path(args.out).suffix not in (".csv", ".md"):
         parser.error(f"--out must end in .csv or .md, got {args.out}")
     model, tokenizer = load() if args.checkpoint is None else load(path=args.checkpoint)
-    kwargs = {"prefixkv": {"profile": args.profile}} if args.profile else {}
+    kwargs = {m: dict(args.method_kwargs or {}) for m in methods}
+    if args.profile:
+        kwargs.setdefault("prefixkv", {})["profile"] = args.profile
     rows = evaluate(
         model, tokenizer, methods, args.budgets, args.scenes, kinds=args.kinds.split(","),
         batch_size=args.batch_size, method_kwargs=kwargs,
     )
+    for row in rows:
+        extra = kwargs.get(row["method"])
+        if extra:
+            row["method"] += " (" + ", ".join(f"{k}={Path(str(v)).name if k == 'profile' else v}"
+                                              for k, v in sorted(extra.items())) + ")"
     print()
     print(markdown(rows))
     if args.out:

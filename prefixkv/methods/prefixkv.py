@@ -9,18 +9,20 @@ from pathlib import Path
 import torch
 
 from prefixkv.allocation import prefix_allocation
-from prefixkv.methods.base import Method, layer_profiles
+from prefixkv.methods.base import layer_profiles
+from prefixkv.methods.uniform import Uniform
 from prefixkv.profile import Profile
 
 
 @dataclass
-class PrefixKV(Method):
+class PrefixKV(Uniform):
     """Adaptive per-layer sizes from PrefixKV (Wang et al., arXiv 2412.03409): entries are ranked by the attention
     they receive from the prompt; one global retention ratio p, searched so that the kept sizes meet the budget,
     gives each layer the shortest prefix of its ranking whose importance reaches p; then the top entries are kept.
 
     `profile` (a path to a calibration JSON, or a `Profile`) gives offline per-layer keep ratios: with it no search
-    runs at inference. Without it the search runs online on the current prompt. Scores: (batch, kv_heads, n).
+    runs at inference. Without it the search runs online on the current prompt. `recent` as in `Uniform`, whose
+    scores and selection this method shares. Scores: (batch, kv_heads, n).
     """
 
     name = "prefixkv"
