@@ -89,12 +89,12 @@ def regress(session: nox.Session) -> None:
                     "python", "-m", "bench", "run", "--matrix", matrix, "--results", results, "--strict",
                     env={"PYTHONPATH": str(src)},
                 )
-    # Defaults for shared 2-core runners: ratios to the same run's full cache, and a 30% threshold, because two CI
-    # trials of this gate on 2-core machines, with no change to the code under test, moved by +13% and -15% with
-    # p < 0.01 (drift of the full cell between subprocesses). It catches gross regressions (a reallocation per
-    # step, a lost kernel), not 5% ones; override on quieter machines: `nox -s regress -- REF --factor 0.05`.
+    # Defaults for shared 2-core runners: ratios to the same run's full cache, and a 50% threshold, because three CI
+    # trials of this gate on 2-core machines, with no change to the code under test, moved by +13%, -15% and -27%
+    # (drift of the full cell between subprocesses). It catches gross regressions (a reallocation per step, a lost
+    # kernel), not 5% ones; override on quieter machines: `nox -s regress -- REF --factor 0.05`.
     defaults = [] if "--mode" in posargs else ["--mode", "ratio"]
-    defaults += [] if "--factor" in posargs else ["--factor", "0.3"]
+    defaults += [] if "--factor" in posargs else ["--factor", "0.5"]
     session.run("python", "-m", "bench", "compare", str(work / "baseline"), str(work / "current"), *defaults, *posargs)
 
 
