@@ -132,7 +132,7 @@ def measure(cell: Cell) -> list[dict]:
         "decode": stats.policy,
         "held_per_layer": [int(h) for h in stats.held],
         "evictions": int(sum(stats.evictions)),
-        "kept_fraction": sum(stats.kept) / (len(stats.kept) * stats.prompt_length),
+        "kept_fraction": stats.kept_fraction,
         "output_tokens": new,
         # Per sequence, then averaged over the batch; ROUGE-L reads token ids as words.
         "token_agreement": statistics.fmean(quality.token_agreement(o, r) for o, r in zip(new, ref, strict=True)),

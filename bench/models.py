@@ -81,8 +81,6 @@ def config_for(spec: str):
     if spec in LLAVA_15:
         return _llava_15(*LLAVA_15[spec])
     if spec == "embedded":
-        from transformers import AutoConfig
-
         checkpoint = _embedded().CHECKPOINT
         if not (checkpoint / "config.json").is_file():
             raise ModelError(f"model 'embedded' has no checkpoint at {checkpoint} (python -m bench.embedded.train)")

@@ -9,13 +9,9 @@ from typing import TypeVar
 
 import torch
 
+from prefixkv.cache import synchronize
+
 T = TypeVar("T")
-
-
-def synchronize(device: str) -> None:
-    """Wait for queued device work, so that a host clock read measures it."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], T], device: str) -> tuple[T, float]:

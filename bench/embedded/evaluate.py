@@ -107,7 +107,7 @@ def evaluate_cell(
                 model, inputs, method=method, budget=budget, max_new_tokens=MAX_NEW_TOKENS[kind], **method_kwargs
             )
             answers[kind].extend(_answers(tokenizer, out.sequences, prompt_len))
-            kept.append(sum(out.cache_stats.kept) / (len(out.cache_stats.kept) * prompt_len))
+            kept.append(out.cache_stats.kept_fraction)
             refs = [answer_ids(tokenizer, ins.answer) for _, ins in chunk]
             width = max(len(r) for r in refs)
             cont = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in refs], device=model.device)
