@@ -64,7 +64,7 @@ def quality(session: nox.Session) -> None:
 
 @nox.session(name="train-embedded", default=False)
 def train_embedded(session: nox.Session) -> None:
-    """Train the embedded model from scratch (about 30 minutes on 2 cores), then recalibrate its PrefixKV profile."""
+    """Train the embedded model from scratch (about 18 minutes on 2 cores), then recalibrate its PrefixKV profile."""
     _install(session, ".")
     session.run("python", "-m", "bench.embedded.train", *session.posargs)
     session.run("python", "-m", "bench.embedded.calibrate")

@@ -17,8 +17,9 @@ from bench.embedded.scenes import (
     MIN_OBJECTS,
     NOTHING,
     NUMBER_WORDS,
-    SHAPES,
+    Instruction,
     describe,
+    focus_cells,
     instruction,
     make_scene,
     render,
@@ -81,11 +82,8 @@ def test_description_lists_every_object_in_reading_order(seed: int) -> None:
 def test_question_answers_match_the_scene(seed: int, question_seed: int) -> None:
     scene = make_scene(seed)
     count = instruction(scene, "count", question_seed)
-    attr = count.question.split()[4]
-    if attr in COLOURS:
-        n = sum(o.colour == attr for o in scene.objects)
-    else:
-        n = sum(o.shape + "s" == attr for o in scene.objects)
+    axis, line = count.question.split()[5:7]
+    n = sum((o.row if axis == "row" else o.col) == int(line) for o in scene.objects)
     assert count.answer == NUMBER_WORDS[n]
 
     lookup = instruction(scene, "lookup", question_seed)
@@ -95,14 +93,28 @@ def test_question_answers_match_the_scene(seed: int, question_seed: int) -> None
 
     relation = instruction(scene, "relation", question_seed)
     words = relation.question.split()
-    direction, colour, shape = " ".join(words[2:4]), words[5], words[6]
-    target = scene.find(colour, shape)
-    assert target is not None
+    direction, row, col = " ".join(words[2:4]), int(words[8]), int(words[10])
+    assert scene.at(row, col) is not None  # the question names a shape
     dr, dc = DIRECTIONS[direction]
-    found = scene.at(target.row + dr, target.col + dc)
-    where = f"row {target.row} column {target.col} , "
-    assert relation.answer == where + (found.phrase() if found else NOTHING)
-    assert shape in SHAPES
+    assert 1 <= row + dr <= GRID and 1 <= col + dc <= GRID  # whose neighbouring cell is on the board
+    found = scene.at(row + dr, col + dc)
+    assert relation.answer == f"row {row + dr} column {col + dc} , " + (found.phrase() if found else NOTHING)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=seeds, question_seed=seeds)
+def test_focus_cells_are_what_each_question_is_about(seed: int, question_seed: int) -> None:
+    scene = make_scene(seed)
+    count = instruction(scene, "count", question_seed)
+    cells = focus_cells(scene, count)
+    assert count.answer == NUMBER_WORDS[len(cells)] and cells == sorted(cells)
+    assert all(scene.at(r, c) is not None for r, c in cells)
+    lookup = instruction(scene, "lookup", question_seed)
+    assert focus_cells(scene, lookup) == [tuple(int(w) for w in lookup.question.split()[4:7:2])]
+    relation = instruction(scene, "relation", question_seed)
+    (cell,) = focus_cells(scene, relation)
+    assert relation.answer.startswith(f"row {cell[0]} column {cell[1]} ,")
+    assert focus_cells(scene, instruction(scene, "describe")) == []
 
 
 @settings(max_examples=30, deadline=None)
@@ -140,3 +152,5 @@ def test_bad_inputs_raise_value_error() -> None:
         build_inputs(TOKENIZER, mixed)
     with pytest.raises(ValueError, match="empty"):
         build_inputs(TOKENIZER, [])
+    with pytest.raises(ValueError, match="unknown instruction kind"):
+        focus_cells(scene, Instruction("translate", "", ""))

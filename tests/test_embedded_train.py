@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from bench.embedded import load
-from bench.embedded.train import TrainConfig, lr_at, main, train
+from bench.embedded.scenes import GRID, NOTHING, Instruction, focus_cells, make_scene
+from bench.embedded.tokenizer import build_tokenizer
+from bench.embedded.train import TrainConfig, alignment_loss, lr_at, main, make_batch, train, word_targets
 
 
 def test_tiny_training_saves_a_loadable_checkpoint(tmp_path) -> None:
@@ -47,3 +49,46 @@ def test_cli_and_config_validation(tmp_path) -> None:
     cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_batches_split_descriptions_from_questions_with_their_focus_maps() -> None:
+    tokenizer = build_tokenizer()
+    cfg = TrainConfig(batch_size=16)
+    micro = make_batch(tokenizer, 7, cfg)
+    assert sum(len(mb["scenes"]) for mb in micro) == 16
+    colon = tokenizer.convert_tokens_to_ids(":")
+    for mb in micro:
+        rows = mb["input_ids"]
+        # right-padded to the micro-batch's own longest row: some row has no padding
+        assert (rows != tokenizer.pad_token_id).all(dim=1).any()
+        assert (rows[torch.arange(len(rows)), mb["prompt_end"]] == colon).all()
+        first_answer = mb["labels"][torch.arange(len(rows)), mb["prompt_end"] + 1]
+        assert (first_answer != -100).all() and (mb["labels"][torch.arange(len(rows)), mb["prompt_end"]] == -100).all()
+        if not mb["questions"]:
+            assert mb["focus"].sum() == 0
+    questions = next(mb for mb in micro if mb["questions"])
+    for j, scene in enumerate(questions["scenes"]):
+        text = tokenizer.decode(questions["input_ids"][j].tolist(), skip_special_tokens=True)
+        question = text[text.index(":") + 1 : text.index("ASSISTANT")].strip()
+        kinds = {"how many": "count", "what is in": "lookup", "what is": "relation"}
+        kind = next(k for prefix, k in kinds.items() if question.startswith(prefix))
+        cells = {(r - 1) * GRID + c - 1 for r, c in focus_cells(scene, Instruction(kind, question, ""))}
+        assert set(questions["focus"][j].nonzero().flatten().tolist()) == cells
+
+
+def test_word_targets_name_each_cells_content() -> None:
+    tokenizer = build_tokenizer()
+    scenes = [make_scene(s) for s in range(3)]
+    targets = word_targets(scenes, tokenizer).view(3, GRID * GRID, -1)
+    vocab = tokenizer.get_vocab()
+    for b, scene in enumerate(scenes):
+        for cell in range(GRID * GRID):
+            obj = scene.at(cell // GRID + 1, cell % GRID + 1)
+            words = {NOTHING} if obj is None else {obj.colour, obj.shape, obj.size}
+            assert set(targets[b, cell].nonzero().flatten().tolist()) == {vocab[w] for w in words}
+    # the loss is low only when features point at the right words' embeddings
+    embeddings = torch.randn(len(vocab), 8)
+    good = 10 * (targets.view(-1, len(vocab)) - 0.5) @ torch.linalg.pinv(embeddings.T)
+    assert alignment_loss(good, embeddings, targets.view(-1, len(vocab))) < alignment_loss(
+        -good, embeddings, targets.view(-1, len(vocab))
+    )
