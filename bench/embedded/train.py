@@ -180,8 +180,9 @@ def word_targets(scenes: list[Scene], tokenizer) -> torch.Tensor:
 def alignment_loss(features: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Image-text alignment, the job of LLaVA's first training stage: each projected image token, scored against
     every word's input embedding (dot product), should single out the words that name its cell's content (BCE over
-    the vocabulary). Content then lives in the image tokens along the same directions as the words that name it; in
-    2000-step pilots it raised held-out description F1 from 0.55 to 0.90 (model card, "How it got here")."""
+    the vocabulary). Content then lives in the image tokens along the same directions as the words that name it.
+    Pilots (model card, "How it got here"): held-out description F1 0.55 after 1500 steps without it, 0.90 after
+    2000 with it - not a like-for-like pair, but the largest jump any change gave."""
     logits = features.reshape(-1, features.shape[-1]) @ embeddings.T
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
 
