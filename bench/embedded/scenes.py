@@ -71,11 +71,9 @@ class Scene:
                 return obj
         return None
 
-    def find(self, colour: str, shape: str) -> SceneObject | None:
-        for obj in self.objects:
-            if (obj.colour, obj.shape) == (colour, shape):
-                return obj
-        return None
+    def in_line(self, axis: str, line: int) -> list[SceneObject]:
+        """Objects in row `line` (axis "row") or column `line` (axis "column"), in reading order."""
+        return [o for o in self.sorted_objects() if (o.row if axis == "row" else o.col) == line]
 
     def sorted_objects(self) -> list[SceneObject]:
         """Objects in reading order (row by row, left to right): the order of the description."""
@@ -163,7 +161,7 @@ def instruction(scene: Scene, kind: str, seed: int | None = None) -> Instruction
     if kind == "count":
         axis = "row" if rng.random() < 0.5 else "column"
         line = int(rng.integers(GRID)) + 1
-        n = sum((o.row if axis == "row" else o.col) == line for o in scene.objects)
+        n = len(scene.in_line(axis, line))
         return Instruction(kind, f"how many shapes are in {axis} {line} ?", NUMBER_WORDS[n])
     if kind == "lookup":
         if rng.random() < 0.75:
@@ -200,7 +198,7 @@ def focus_cells(scene: Scene, ins: Instruction) -> list[tuple[int, int]]:
     words = ins.question.split()
     if ins.kind == "count":  # "how many shapes are in <row|column> <n> ?"
         axis, line = words[5], int(words[6])
-        return sorted((o.row, o.col) for o in scene.objects if (o.row if axis == "row" else o.col) == line)
+        return [(o.row, o.col) for o in scene.in_line(axis, line)]
     if ins.kind == "lookup":  # "what is in row <r> column <c> ?"
         return [(int(words[4]), int(words[6]))]
     if ins.kind == "relation":  # "what is <direction> the shape in row <r> column <c> ?"
@@ -208,6 +206,11 @@ def focus_cells(scene: Scene, ins: Instruction) -> list[tuple[int, int]]:
     if ins.kind == "describe":
         return []
     raise ValueError(f"unknown instruction kind {ins.kind!r}; expected one of {KINDS}")
+
+
+def cell_index(row: int, col: int) -> int:
+    """The 0-based raster index of a (1-based) cell: the position of its image token among the GRID * GRID."""
+    return (row - 1) * GRID + col - 1
 
 
 def _step(row: int, col: int, direction: str) -> tuple[int, int]:

@@ -95,7 +95,7 @@ def make_batch(tokenizer, step: int, cfg: TrainConfig) -> list[dict]:
             labels.append([-100] * len(prompt) + answer)
             weights.append(1.0 if ins.kind == "describe" else cfg.question_weight)
             for r, c in S.focus_cells(scene, ins):
-                focus[j, (r - 1) * GRID + c - 1] = 1.0
+                focus[j, S.cell_index(r, c)] = 1.0
         width = max(len(r) for r in rows)
         pad = tokenizer.pad_token_id
         micro.append({
@@ -138,7 +138,7 @@ def cell_targets(scenes: list[Scene]) -> torch.Tensor:
     for b, scene in enumerate(scenes):
         for o in scene.objects:
             cls = (colours.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)) * len(SIZES) + SIZES.index(o.size)
-            out[b, (o.row - 1) * GRID + o.col - 1] = 1 + cls
+            out[b, S.cell_index(o.row, o.col)] = 1 + cls
     return out.reshape(-1)
 
 
@@ -170,7 +170,7 @@ def word_targets(scenes: list[Scene], tokenizer) -> torch.Tensor:
     out[:, :, vocab[S.NOTHING]] = 1.0
     for b, scene in enumerate(scenes):
         for o in scene.objects:
-            cell = (o.row - 1) * GRID + o.col - 1
+            cell = S.cell_index(o.row, o.col)
             out[b, cell, vocab[S.NOTHING]] = 0.0
             for word in (o.colour, o.shape, o.size):
                 out[b, cell, vocab[word]] = 1.0
