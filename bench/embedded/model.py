@@ -38,9 +38,9 @@ def build_config(tiny: bool = False) -> LlavaConfig:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        # RoPE base 1e6 instead of 1e4: over this model's ~100 positions most rotary pairs then barely turn; in
-        # 2000-2400-step pilots it raised held-out description F1 from 0.90 to 0.97 and lookups from 0.88 to 0.96
-        # (model card, "How it got here").
+        # RoPE base 1e6 instead of 1e4: over this model's ~100 positions most rotary pairs then barely turn. Pilots
+        # (model card, "How it got here"): held-out description F1 0.90 and lookups 0.88 after 2000 steps at 1e4,
+        # 0.97 and 0.96 after 2400 at 1e6 - not like-for-like in steps.
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
