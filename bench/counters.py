@@ -85,10 +85,12 @@ def _storage(t: torch.Tensor) -> int:
 class StepCounters:
     """A `prefixkv.timer.Timer` that counts each "decode_step" region (other regions pass through untouched).
 
-    `profile_launches=True` (CUDA) also counts the host's kernel launches per step with the profiler.
+    `count_ops=False` skips the dispatch mode (for a compiled step, whose ops it cannot see); `profile_launches=True`
+    (CUDA) counts the host's kernel launches per step with the profiler.
     """
 
-    def __init__(self, profile_launches: bool = False):
+    def __init__(self, count_ops: bool = True, profile_launches: bool = False):
+        self.count_ops = count_ops
         self.profile_launches = profile_launches
         self.steps: list[dict[str, int | None]] = []
 
@@ -97,16 +99,21 @@ class StepCounters:
 
     @contextmanager
     def _count(self) -> Iterator[None]:
-        counter = OpCounter()
+        counter = OpCounter() if self.count_ops else nullcontext()
         profiler = _launch_profiler() if self.profile_launches else nullcontext()
         with profiler as prof, counter:
             yield
         launches = None
         if prof is not None:
             launches = sum(1 for event in prof.events() if event.name in LAUNCHES)
+        ops = counter if self.count_ops else None
         self.steps.append(
-            {"aten_ops": counter.ops, "host_syncs": counter.syncs, "alloc_bytes": counter.alloc_bytes,
-             "kernel_launches": launches}
+            {
+                "aten_ops": None if ops is None else ops.ops,
+                "host_syncs": None if ops is None else ops.syncs,
+                "alloc_bytes": None if ops is None else ops.alloc_bytes,
+                "kernel_launches": launches,
+            }
         )
 
     def per_step(self) -> dict[str, float | None]:
