@@ -70,6 +70,14 @@ def train_embedded(session: nox.Session) -> None:
     session.run("python", "-m", "bench.embedded.calibrate")
 
 
+@nox.session(name="gpu-check", default=False)
+def gpu_check(session: nox.Session) -> None:
+    """GPU acceptance in resumable <= 9-minute phases: gpu tests, kernels, headline and long-context cells, archive."""
+    _install(session, ".[test]")
+    session.install("pytest-xdist")
+    session.run("python", "-m", "bench.gpu_check", *session.posargs)
+
+
 @nox.session(default=False)
 def regress(session: nox.Session) -> None:
     """Gate on performance: the regress matrix on a baseline ref (posargs[0], default HEAD) vs the working tree."""

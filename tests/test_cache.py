@@ -271,3 +271,30 @@ def test_multi_token_chunk_after_compression_is_refused(llama):
         with bind(llama, cache), pytest.raises(ValueError, match="one token per step"):
             llama(input_ids=torch.tensor([[1, 2]]), **{cache_argument(llama): cache})
 
+
+
+class _PrefillWatch:
+    """A timer that notes, whenever a layer is compacted, how many layers hold their full prompt cache."""
+
+    def __init__(self):
+        self.cache = None
+        self.full_layers: list[int] = []
+
+    def region(self, name):
+        if name == "compact":
+            held = [layer for layer in self.cache.layers if layer.keys is not None and not layer.compressed]
+            self.full_layers.append(len(held))
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("uniform", {}), ("snapkv", {"window": 8}), ("pyramidkv", {})])
+def test_prefill_holds_one_full_layer_at_a_time(method, kwargs):
+    """Peak memory of prefill: weights + the compressed layers so far + one layer's full prompt cache."""
+    model = tiny_llama(layers=6)
+    watch = _PrefillWatch()
+    cache = make_cache(model, method, 0.25, 4, timer=watch, **kwargs)
+    watch.cache = cache
+    with torch.no_grad():
+        prefill(model, text_inputs(batch=1, seq=40), cache)
+    assert watch.full_layers == [1] * 6
+    assert cache.compressed
