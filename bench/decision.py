@@ -82,8 +82,10 @@ def _costs(row: pd.Series) -> str:
 
 def recommend(cells: pd.DataFrame, tolerance: float | None) -> Verdict:
     """The verdict for one workload's `cells` (see the module docstring); `tolerance` None ranks by cost only."""
-    if cells.empty or not cells["is_full"].any():
-        return Verdict(tolerance, "No full-cache cell for this workload: no ratio, no recommendation.")
+    if cells.empty:
+        return Verdict(tolerance, "No successful cell for this workload.")
+    if not cells["is_full"].any():
+        return _without_full(cells, tolerance)
     full = cells[cells["is_full"]].iloc[0]
     pool = cells[cells["decode_tps"].map(lambda e: e.known)]
     if tolerance is not None:
@@ -123,6 +125,27 @@ def recommend(cells: pd.DataFrame, tolerance: float | None) -> Verdict:
         why = "better quality, then less memory" if tolerance is not None else "less peak memory"
         text += (f". Indistinguishable in decode throughput from {', '.join(others)} (intervals overlap); chosen "
                  f"for {why}")
+    return Verdict(tolerance, text + ".", choice["label"], others)
+
+
+def _without_full(cells: pd.DataFrame, tolerance: float | None) -> Verdict:
+    """No full cache to compare with (it failed, e.g. out of memory, or was not run): rank the cells that ran by
+    absolute decode throughput; quality, measured against the full cache's output, is then unknown too."""
+    status = cells["full_status"].iloc[0] if "full_status" in cells else None
+    why = (f"The full cache did not run here ({status}): every cell below is measured against no baseline"
+           if status else "No full-cache cell for this workload, so no ratio and no quality")
+    pool = cells[cells["decode_tps"].map(lambda e: e.known)]
+    if pool.empty:
+        return Verdict(tolerance, why + ".")
+    best = pool.loc[pool["decode_tps"].map(lambda e: e.median).idxmax()]
+    tied = pool[[not separated(e, best["decode_tps"]) for e in pool["decode_tps"]]]
+    choice = tied.sort_values("kv_cache_mib" if "kv_cache_mib" in tied else "budget").iloc[0]
+    e = choice["decode_tps"]
+    text = (f"{why}. Fastest: {choice['method']} at budget {choice['budget']:g}, {e.median:,.0f} decode tokens/s"
+            + (f" [{e.lo:,.0f}-{e.hi:,.0f}]" if e.n > 1 else ""))
+    others = [lbl for lbl in tied["label"] if lbl != choice["label"]]
+    if others:
+        text += f"; indistinguishable from {', '.join(others)} (chosen for the smallest KV cache)"
     return Verdict(tolerance, text + ".", choice["label"], others)
 
 

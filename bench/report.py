@@ -74,7 +74,7 @@ def num(v: float | None, digits: int = 3) -> str:
         return "-"
     if abs(v) >= 10 ** (digits - 1):
         return f"{v:,.0f}"
-    return np.format_float_positional(v, precision=digits, unique=True, fractional=False, trim="-")
+    return np.format_float_positional(v, precision=digits, unique=False, fractional=False, trim="k")
 
 
 def est(e: Estimate | None, suffix: str = "") -> str:
@@ -282,9 +282,9 @@ def _by_budget(c: pd.DataFrame, panels: Sequence[tuple[str, str]], title: str, f
     palette = _palette(c)
     fig, axes = plt.subplots(len(workloads), len(panels), figsize=(4.6 * len(panels) + 1.8, 3.3 * len(workloads)),
                              squeeze=False)
-    budgets = sorted(c.loc[~c["is_full"], "budget"].unique())
     for i, wid in enumerate(workloads):
         w = c[c["workload_id"] == wid]
+        budgets = sorted(w.loc[~w["is_full"], "budget"].unique())
         for j, (y, ylabel) in enumerate(panels):
             ax = axes[i][j]
             col = y if scalar else f"{y}_med"
@@ -305,9 +305,13 @@ def _by_budget(c: pd.DataFrame, panels: Sequence[tuple[str, str]], title: str, f
                 ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#777")
             ax.set_xticks(budgets)
             ax.set_xticklabels([f"{b:g}" for b in budgets])
+            if budgets:
+                pad = 0.05 * max(budgets[-1] - budgets[0], 0.2)
+                ax.set_xlim(budgets[0] - pad, budgets[-1] + pad)
             ax.set_xlabel("budget (kept fraction of the prompt cache)")
             ax.set_ylabel(ylabel)
-            ax.set_ylim(bottom=0)
+            top = w[y if scalar else f"{y}_hi"].max()
+            ax.set_ylim(0, float(top) * 1.12 if np.isfinite(top) and top > 0 else None)
             if j == 0:
                 ax.set_title(_row_title(w, many_hw), fontsize=10, loc="left")
     _legend(fig, axes)
@@ -675,10 +679,24 @@ class Workload:
     table: Table
 
 
-def decisions(c: pd.DataFrame) -> list[Workload]:
+def _full_status(frame: pd.DataFrame, r: pd.Series) -> str | None:
+    """Why the full cache of `r`'s workload has no successful cell on `r`'s machine (`oom`, ...), if it failed."""
+    if frame.empty or "status" not in frame:
+        return None
+    f = frame[(frame["method"] == "full") & (frame["status"] != "ok") & (frame["model"] == r["model"])
+              & (frame["batch_size"] == r["batch_size"]) & (frame["new_tokens"] == r["new_tokens"])
+              & (frame["text_tokens"] == r["text_tokens"]) & (frame["device"] == r["device"])]
+    if "env_machine_id" in f:
+        f = f[f["env_machine_id"] == r["machine"]]
+    return None if f.empty else str(f["status"].iloc[0])
+
+
+def decisions(c: pd.DataFrame, frame: pd.DataFrame | None = None) -> list[Workload]:
     out = []
     for wid, w in c.groupby("workload_id", sort=False):
         r = w.iloc[0]
+        if not w["is_full"].any() and frame is not None:
+            w = w.assign(full_status=_full_status(frame, r))
         floor = None
         if not any(e.known for e in w["floor_ratio"]):
             floor = ("Decode step against the byte floor: not in this store (it needs a GPU run; the byte floor is "
@@ -744,7 +762,14 @@ def cross_section(c: pd.DataFrame) -> Cross | None:
                 row.append(("not run", "grey"))
                 continue
             b = h.loc[h["decode_tps_med"].idxmax()]
-            row.append((f"{b['label']}: {ratio(b['speed_ratio'])} full", "l"))
+            e = b["speed_ratio"]
+            if not e.known:
+                text = f"{b['label']}: {num(b['decode_tps_med'])} tok/s (no full cache to compare)"
+            else:
+                text = f"{b['label']}: {ratio(e)} the full cache"
+                if b["is_full"] or (e.n > 1 and e.lo <= 1 <= e.hi):
+                    text += " (within noise of the full cache)" if not b["is_full"] else ""
+            row.append((text, "l"))
         wrows.append(row)
     winners = Table(["model", "workload", *[f"fastest on {hw}" for hw in hardware]], wrows)
     return Cross(hardware, table, winners, note)
@@ -827,7 +852,7 @@ def write_report(results: Sequence[str | Path], out: str | Path, *, title: str |
         n_rows=len(frame), n_cells=len(c), n_failed=n_failed, planned=planned(frame),
         hardware=sorted(c["hardware"].unique()) if not c.empty else [],
         confidence=f"{CONFIDENCE:.0%}", tolerances=decision.TOLERANCES,
-        decisions=decisions(c) if not c.empty else [],
+        decisions=decisions(c, frame) if not c.empty else [],
         cross=cross_section(c),
         cross_figure=_make("cross", "Speed-up on each machine", "", c, _fig_cross) if c.get("hardware") is not None
         and c["hardware"].nunique() > 1 else None,
