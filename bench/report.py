@@ -130,7 +130,7 @@ def cells(frame: pd.DataFrame) -> pd.DataFrame:
     if ok.empty:
         return pd.DataFrame()
     ok["hardware"] = _hardware(ok)
-    ok["env_machine_id"] = ok["env_machine_id"] if "env_machine_id" in ok else ""
+    ok["env_machine_id"] = ok.get("env_machine_id", "")
     out = []
     for (_, _), rows in ok.groupby(["key", "env_machine_id"], sort=False):
         r = rows.iloc[0]
@@ -540,6 +540,13 @@ def _make(fid: str, title: str, caption: str, data: pd.DataFrame, draw, missing:
     return f
 
 
+def _quality_missing(c: pd.DataFrame) -> str | None:
+    if c["quality_known"].any():
+        return None
+    return ("Quality is not plotted: every model here has random weights (" + ", ".join(sorted(c["model"].unique()))
+            + "), whose outputs are noise. Run a trained model (`embedded`) for quality.")
+
+
 def figures(c: pd.DataFrame) -> list[Figure]:
     if c.empty:
         return [Figure("speed", "Speed vs budget", "", missing="No successful cell in the store.")]
@@ -566,9 +573,7 @@ def figures(c: pd.DataFrame) -> list[Figure]:
         _make("quality", "Quality vs budget",
               "ROUGE-L and token agreement of the generated tokens with the full cache's, and the perplexity of the "
               "full cache's continuation under the compressed cache (lower is better).", trained, _fig_quality,
-              missing=None if not trained.empty else
-              "Quality is not plotted: every model in this store has random weights ("
-              + ", ".join(random) + "), whose outputs are noise. Run a trained model (`embedded`) for quality.",
+              missing=_quality_missing(c),
               note=dropped if not trained.empty else None),
         _make("tradeoff", "Trade-off and Pareto frontier",
               "Each point is one cell (colour: method, shape: budget), with the interval of its speed-up over the "
