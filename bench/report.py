@@ -69,12 +69,17 @@ def num(v: float | None, digits: int = 3) -> str:
     exponent (`26,640`, `2,469`, `551`, `12.3`, `0.0412`); `-` for a missing value."""
     if v is None or isinstance(v, str):
         return "-" if v is None else v
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return f"{int(v):,}"  # counts (batch, repetitions) are integers, never "3.00"
     v = float(v)
     if not math.isfinite(v):
         return "-"
-    if abs(v) >= 10 ** (digits - 1):
-        return f"{v:,.0f}"
-    return np.format_float_positional(v, precision=digits, unique=False, fractional=False, trim="k")
+    if v == 0:
+        return "0"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(v))))
+    if decimals and abs(round(v, decimals)) >= 10 ** (digits - decimals):  # 0.9995 rounds up to 1.00, not 1.000
+        decimals -= 1
+    return f"{v:,.{decimals}f}"
 
 
 def est(e: Estimate | None, suffix: str = "") -> str:
@@ -423,8 +428,8 @@ def _fig_tradeoff(c: pd.DataFrame, f: Figure) -> plt.Figure:
         quality = bool(w["quality_known"].iloc[0])
         memory = memory_axis(w)
         for j, (y, ylabel, sense) in enumerate([
-            ("rouge_l", "ROUGE-L vs full-cache output (higher is better)", "max"),
-            (memory, MEMORY_AXES[memory] + " / full cache's (lower is better)", "min"),
+            ("rouge_l", "ROUGE-L vs full cache\n(higher is better)", "max"),
+            (memory, MEMORY_AXES[memory] + " / full cache's\n(lower is better)", "min"),
         ]):
             ax = axes[i][j]
             ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
@@ -577,7 +582,10 @@ def figures(c: pd.DataFrame) -> list[Figure]:
               note=dropped if not trained.empty else None),
         _make("tradeoff", "Trade-off and Pareto frontier",
               "Each point is one cell (colour: method, shape: budget), with the interval of its speed-up over the "
-              "repetitions. The grey step line joins the cells no other cell beats on both axes.", c, _fig_tradeoff),
+              "repetitions. The thick grey line joins the Pareto frontier: the cells no other cell beats on both "
+              "axes (by median). Left: speed against quality (trained models); right: speed against memory (peak "
+              "memory on GPU; on CPU the KV cache's bytes, since the process's peak RSS is mostly the interpreter "
+              "and the model).", c, _fig_tradeoff),
         _make("kept", "Per-layer kept counts",
               "Prompt entries each layer keeps after compaction, as a fraction of the prompt: PrefixKV sizes layers "
               "from their importance profile, the baselines keep the same fraction everywhere (or a pyramid).", c,
@@ -625,7 +633,10 @@ def decision_table(w: pd.DataFrame) -> Table:
             (ratio(r["kv_ratio"]), ""), (est(r["j_per_token"]), ""), (_floor(r), ""), *_quality_cells(r),
             (", ".join(front), "l"),
         ])
-    return Table(columns, rows)
+    # Columns with nothing measured here (energy and the byte floor on CPU) go: the notes above say why.
+    keep = [j for j, col in enumerate(columns)
+            if col not in ("J/token", "step / byte floor") or any(row[j][0] != "-" for row in rows)]
+    return Table([columns[j] for j in keep], [[row[j] for j in keep] for row in rows])
 
 
 SUMMARY = [

@@ -114,7 +114,8 @@ def test_label_is_shared_by_cli_and_report(cells):
 
 @pytest.mark.parametrize(("value", "text"), [
     (26640.0, "26,640"), (2469, "2,469"), (551.4, "551"), (12.34, "12.3"), (0.04123, "0.0412"), (1.0, "1.00"),
-    (float("nan"), "-"), (None, "-"), (1.5e-5, "0.0000150"),
+    (float("nan"), "-"), (None, "-"), (1.5e-5, "0.0000150"), (0.929999, "0.930"), (0.9995, "1.00"), (0.0, "0"),
+    (16, "16"), (np.int64(3), "3"), (99.96, "100"),
 ])
 def test_numbers_have_one_format(value, text):
     assert report.num(value) == text
