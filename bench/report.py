@@ -442,6 +442,9 @@ def _fig_tradeoff(c: pd.DataFrame, f: Figure) -> plt.Figure:
                     ax.set_title(_row_title(w, many_hw), fontsize=10, loc="left")
                 continue
             d = w.dropna(subset=["speed_ratio_med", y])
+            if d.empty:
+                ax.text(0.5, 0.5, "no full-cache cell here (it failed or was not run):\nno ratio to plot", ha="center",
+                        va="center", transform=ax.transAxes, color="#777")
             front = d[decision.pareto(d, {"speed_ratio_med": "max", y: sense})].sort_values("speed_ratio_med")
             if len(front) > 1:
                 ax.plot(front["speed_ratio_med"], front[y], color="#999", linewidth=6, alpha=0.45, zorder=0,
