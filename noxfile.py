@@ -114,7 +114,9 @@ def _install(session: nox.Session, *targets: str) -> None:
     env = {}
     if "PIP_CONSTRAINT" not in os.environ and shutil.which("nvidia-smi") is None:
         env["PIP_CONSTRAINT"] = str(ROOT / "constraints-cpu.txt")
-    session.install(*targets, env=env)
+    # pip's own output is shown: a first install (torch, transformers...) takes minutes and should not look hung.
+    session.log(f"installing {' '.join(targets)}: a few minutes on a first run, seconds once installed")
+    session.install(*targets, env=env, silent=False)
 
 
 def _baseline_tree(session: nox.Session, ref: str, work: Path) -> Path:
