@@ -56,15 +56,17 @@ def check_inputs(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {parameter.device}")
     vocab = getattr(model.config.get_text_config(decoder=True), "vocab_size", None)
     vocab = vocab if isinstance(vocab, int) else None
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or (vocab is not None and high >= vocab):
-        raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values from {low} to {high}")
+    # Range-checked where reading the ids costs no device sync (on a GPU an out-of-range id trips a device assert).
+    if input_ids.device.type == "cpu":
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values from {low} to {high}")
     mask = inputs.get("attention_mask")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(input_ids.shape):
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
-        if not bool(mask.bool().all()):
+        if not bool(mask.bool().all()):  # the one host read at the door, before any work is queued
             raise ValueError(
                 "attention_mask has padding: the compressed cache needs equal prompt lengths within a batch "
                 "(group prompts by length, or run them one at a time)"

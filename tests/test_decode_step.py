@@ -8,6 +8,8 @@ recompile between steps) and reproduces the eager tokens exactly.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -146,3 +148,53 @@ def test_inductor_step_matches_eager(llama):
     assert counted["graph_breaks"] == 0 and counted["graphs"] == 1
     assert torch.equal(compiled.sequences, eager.sequences)
     assert torch.equal(again.sequences, eager.sequences)
+
+
+class _NoSyncInDecode:
+    """A timer that turns any device synchronisation inside a decode step into an error (CUDA's sync debug mode)."""
+
+    def region(self, name):
+        return _sync_errors() if name == "decode_step" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _sync_errors():
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cuda_decode_step_never_synchronises(policy):
+    model = tiny_llama().cuda()
+    inputs = {"input_ids": text_inputs(batch=2, seq=40)["input_ids"].cuda()}
+    for method in METHODS:
+        budget = 1.0 if method == "full" else 0.25
+        prefixkv.generate(
+            model, inputs, method=method, budget=budget, max_new_tokens=6, decode=policy, timer=_NoSyncInDecode()
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cuda_graph_step_matches_eager_with_few_launches(policy):
+    """Compiled with CUDA graphs: the same log-probabilities as the eager step, and a handful of host launches per
+    step (the graph replay, the argmax, the position update) where the eager step launches one kernel per op."""
+    torch._dynamo.reset()
+    model = tiny_llama(layers=4).cuda()
+    inputs = {"input_ids": text_inputs(batch=2, seq=40, seed=6)["input_ids"].cuda()}
+    kwargs = {"method": "snapkv", "budget": 0.25, "decode": policy, "window": 8}
+    continuation = prefixkv.generate(model, inputs, max_new_tokens=12, **kwargs).sequences[:, 40:]
+    eager = prefixkv.continuation_logprobs(model, inputs, continuation, **kwargs)
+    compiled = prefixkv.continuation_logprobs(model, inputs, continuation, compile=True, **kwargs)
+    torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
+    counted = {}
+    for compile_step in (False, True):
+        counters = StepCounters(count_ops=False, profile_launches=True)
+        prefixkv.generate(model, inputs, max_new_tokens=8, timer=counters, compile=compile_step, **kwargs)
+        counted[compile_step] = counters.per_step()["kernel_launches"]
+    assert counted[True] <= 8 < counted[False], counted
