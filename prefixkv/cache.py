@@ -82,7 +82,9 @@ class CompressedLayer(CacheLayerMixin):
     """
 
     is_sliding = False
-    is_compileable = True
+    # False although `prefixkv.generate(compile=True)` compiles the decode step: True would make `model.generate` on
+    # CUDA compile the whole forward by itself and prepare 4-D masks that no layer of this cache can use.
+    is_compileable = False
     is_croppable = False
 
     def __init__(self, max_new_tokens: int = 0):
