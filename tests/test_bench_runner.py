@@ -108,7 +108,7 @@ def test_resume_after_kill_minus_9(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert "1 of 2 cells already in" in rerun.stderr and "1 cells run, 1 skipped" in rerun.stdout
     frame = store.load(results)
-    assert sorted(frame["method"].unique()) == ["full", "prefixkv"] and (frame["status"] == "ok").all()
+    assert sorted(frame["method"].unique()) == ["full", "prefixkv"] and (frame["status"] == "ok").all(), frame["error"]
     assert done <= {p.name for p in store.parts([results])}  # nothing finished was lost or rewritten
     assert not [p for p in (results / "parts").iterdir() if p.name.startswith(".")]
     forced = _bench("run", "--matrix", str(path), "--results", str(results), "--force", "--methods", "full")
