@@ -319,6 +319,7 @@ def attention_scores(
     """
     _check_qk(q, k, window)
     _check_options(causal, window, scale)
+    window, scale = _plain(window, int), _plain(scale, float)
     if out is not None:
         check_tensor("out", out)
     if q.dtype not in _DTYPES or k.dtype != q.dtype:
@@ -399,6 +400,11 @@ def _check_options(causal: object, window: object, scale: object) -> None:
             raise ValueError(f"scale must be a finite number > 0, got {scale}")
 
 
+def _plain(value, kind):
+    """numpy scalars as Python numbers (the Triton interpreter takes only those); None stays None."""
+    return None if value is None else kind(value)
+
+
 def _check_qk(q: torch.Tensor, k: torch.Tensor, window: int | None) -> None:
     check_tensor("q", q)
     check_tensor("k", k)
@@ -437,6 +443,7 @@ def attention_scores_ref(
     """
     _check_qk(q, k, window)
     _check_options(causal, window, scale)
+    window, scale = _plain(window, int), _plain(scale, float)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {_short(chunk_size)}")
     if window is not None:
