@@ -27,7 +27,9 @@ from rich.console import Console
 
 from bench import matrix as matrix_mod
 from bench import runner, store
-from bench.compare import compare
+from bench.compare import METRICS, compare
+
+DECODE = next(iter(METRICS))  # the decode-step metric
 
 #: A small cell (a few seconds on one core), with enough decode steps and repetitions for the timing layer.
 MATRIX = """
@@ -79,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matrix", help="matrix TOML (default: a one-cell tiny-llava matrix, see MATRIX)")
     parser.add_argument("--counter-hook", help="NAME=VALUE: one more current side with this cell hook set")
     parser.add_argument("--out", help="folder for the stores and trials.json (default: a new temporary folder)")
+    parser.add_argument("--rejudge", metavar="OUT", help="judge an earlier run's stores again; measure nothing")
     args = parser.parse_args(argv)
+    if args.rejudge:
+        return rejudge(args, Console(stderr=True))
     if args.trials < 1 or args.rounds < 1:
         parser.error("--trials and --rounds must be >= 1")
     slowdowns = [float(s) for s in args.slowdowns.split(",") if s.strip()]
@@ -113,26 +118,56 @@ def main(argv: list[str] | None = None) -> int:
                     sides[f"hook {name}"] = {name: value}
             for side, env in sides.items():
                 _run(cells, tdir / _slug(side) / f"round{r}", quiet, **env)
-        for side in sides:
-            result = compare(tdir / "baseline", tdir / _slug(side), factor=args.factor, alpha=args.alpha,
-                             mode=args.mode)
-            timing = [row for row in result.rows if row["metric"] == "decode_step_s"]
-            records.append({
-                "trial": trial, "side": side, "exit_code": result.exit_code,
-                "flagged": bool(result.regressions),
-                "counter_flagged": any(r["verdict"] == "more" for r in result.counters),
-                "timing_flagged": any(r["verdict"] == "slower" for r in result.rows),
-                "counters_present": bool(result.counters),
-                "decode_change": [row["change"] - 1 for row in timing],
-                "aa_spread": [row["aa_spread"] for row in timing],
-                "p_value": [row["p_value"] for row in timing],
-            })
+        records.extend(_judge(tdir, trial, sides, args))
         done = trial + 1
         eta = (time.monotonic() - started) / done * (args.trials - done)
         console.print(f"trial {done}/{args.trials}: " + ", ".join(
             f"{r['side']} {'FLAGGED' if r['flagged'] else 'pass'}" for r in records if r["trial"] == trial
         ) + f"  (ETA {eta / 60:.1f} min)")
 
+    _summarise(out, sides, records, args, step_s, cells, started, argv, console)
+    return 0
+
+
+def _judge(tdir: Path, trial: int, sides, args, slug: bool = True) -> list[dict]:
+    out = []
+    for side in sides:
+        current = tdir / (_slug(side) if slug else side)
+        result = compare(tdir / "baseline", current, factor=args.factor, alpha=args.alpha, mode=args.mode)
+        timing = [row for row in result.rows if row["metric"] == DECODE]
+        out.append({
+            "trial": trial, "side": side, "exit_code": result.exit_code,
+            "flagged": bool(result.regressions),
+            "counter_flagged": any(r["verdict"] == "more" for r in result.counters),
+            "timing_flagged": any(r["verdict"] == "slower" for r in result.rows),
+            "counters_present": bool(result.counters),
+            "decode_change": [row["change"] - 1 for row in timing],
+            "aa_spread": [row["aa_spread"] for row in timing],
+            "p_value": [row["p_value"] for row in timing],
+        })
+    return out
+
+
+def rejudge(args, console: Console) -> int:
+    """Judge the stores of an earlier run of this script again (with today's `bench.compare` and the given factor
+    and alpha), without measuring anything."""
+    root = Path(args.rejudge)
+    sides = {p.name: {} for p in sorted((root / "trial00").iterdir()) if p.is_dir() and p.name != "baseline"}
+    # Trials whose every side has all its rounds (a run still in progress has a partial last trial).
+    rounds = len(list((root / "trial00" / "baseline").iterdir()))
+    trials = sorted(
+        int(t.name[5:]) for t in root.glob("trial*")
+        if all(len(store.parts([t / side])) and len(list((t / side).iterdir())) == rounds for side in sides)
+    )
+    records = [r for t in trials for r in _judge(root / f"trial{t:02d}", t, sides, args, slug=False)]
+    for side in sides:
+        rs = [r for r in records if r["side"] == side]
+        console.print(f"{side:>14}: flagged {sum(r['flagged'] for r in rs)}/{len(rs)} at factor {args.factor}, "
+                      f"alpha {args.alpha}")
+    return 0
+
+
+def _summarise(out, sides, records, args, step_s, cells, started, argv, console) -> None:
     summary = []
     for side in sides:
         rs = [r for r in records if r["side"] == side]
@@ -164,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{_pct(s['aa_spread_median'])}, max {_pct(s['aa_spread_max'])}"
         )
     console.print(f"baseline decode step {step_s * 1e3:.2f} ms; {report['minutes']:.1f} min; {out / 'trials.json'}")
-    return 0
 
 
 def _slug(side: str) -> str:

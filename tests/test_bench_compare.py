@@ -63,7 +63,7 @@ def test_injected_slowdown_flags(tmp_path):
     cur = _store(tmp_path, "cur", slow_method="prefixkv", slow=1.3, seed=100)
     result = compare(base, cur)
     flagged = {(r["cell"].split()[-1], r["metric"]) for r in result.regressions}
-    assert ("prefixkv@0.2", "decode_step_s") in flagged
+    assert ("prefixkv@0.2", "decode_step_p10_s") in flagged
     assert all(name.startswith("prefixkv") for name, _ in flagged)
     assert main(["compare", str(base), str(cur)]) == 1
 
@@ -231,11 +231,11 @@ def test_drift_within_the_a_a_spread_does_not_flag(tmp_path, capsys):
     base = _drifting_store(tmp_path, "base", [1.0, 1.2])
     cur = _drifting_store(tmp_path, "cur", [1.15, 1.15], seed=50)
     result = compare(base, cur)
-    row = next(r for r in result.rows if r["metric"] == "decode_step_s" and r["cell"].endswith("prefixkv@0.2"))
+    row = next(r for r in result.rows if r["metric"] == "decode_step_p10_s" and r["cell"].endswith("prefixkv@0.2"))
     assert row["aa_spread"] == pytest.approx(0.2, abs=0.03) and row["verdict"] == "same"
     assert main(["compare", str(base), str(cur)]) == 0
     assert "A/A spread" in capsys.readouterr().out
     # ...and a slowdown beyond the spread is caught.
     cur2 = _drifting_store(tmp_path, "cur2", [1.0, 1.2], slow=1.5, seed=60)
-    assert ("prefixkv@0.2", "decode_step_s") in {(r["cell"].split()[-1], r["metric"])
+    assert ("prefixkv@0.2", "decode_step_p10_s") in {(r["cell"].split()[-1], r["metric"])
                                                  for r in compare(base, cur2).regressions}

@@ -86,9 +86,9 @@ def test_lock_refuses_a_second_writer_naming_the_holder(tmp_path):
     with store.Lock(results, "run-A"):
         holder = json.loads((results / ".lock.holder").read_text())
         assert holder["pid"] == os.getpid() and holder["run_id"] == "run-A"
+        second = store.Lock(results, "run-B")
         with pytest.raises(store.StoreLocked, match=rf"in use by another runner \(pid {os.getpid()} on .*run-A"):
-            with store.Lock(results, "run-B"):
-                pass
+            second.__enter__()
     assert not (results / ".lock.holder").exists()
     with store.Lock(results, "run-B"):  # released: the next one gets it
         pass
