@@ -61,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("baseline", help="baseline results directory")
     compare.add_argument("current", help="current results directory")
     compare.add_argument(
-        "--factor", type=float, default=0.05,
-        help="smallest relative change of time flagged (0.05 = 5%%); the measured A/A spread raises it",
+        "--factor", type=float, default=0.1,
+        help="smallest relative change of time flagged (0.1 = 10%%); the measured A/A spread raises it",
     )
     compare.add_argument("--alpha", type=float, default=0.01, help="significance level of the Mann-Whitney U test")
     compare.add_argument(

@@ -174,7 +174,7 @@ def compare(
     baseline: str | Path | pd.DataFrame,
     current: str | Path | pd.DataFrame,
     *,
-    factor: float = 0.05,
+    factor: float = 0.1,
     alpha: float = 0.01,
     mode: str = "auto",
     metrics: tuple[str, ...] = tuple(METRICS),
