@@ -61,8 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("baseline", help="baseline results directory")
     compare.add_argument("current", help="current results directory")
     compare.add_argument(
-        "--factor", type=float, default=0.1,
-        help="smallest relative change of time flagged (0.1 = 10%%); the measured A/A spread raises it",
+        "--factor", type=float, default=0.15,
+        help="smallest relative change of time flagged (0.15 = 15%%); the measured A/A spread raises it",
+    )
+    compare.add_argument(
+        "--metrics", default="decode_step_p10_s,prefill_s",
+        help="comma-separated timing metrics judged: decode_step_p10_s, prefill_s, total_s",
     )
     compare.add_argument("--alpha", type=float, default=0.01, help="significance level of the Mann-Whitney U test")
     compare.add_argument(
@@ -154,9 +158,11 @@ def _compare(args: argparse.Namespace) -> int:
         raise BadInput(f"--factor must be in [0, 10), got {args.factor}")
     if not 0 < args.alpha < 1:
         raise BadInput(f"--alpha must be in (0, 1), got {args.alpha}")
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     try:
-        result = compare(args.baseline, args.current, factor=args.factor, alpha=args.alpha, mode=args.mode)
-    except CompareError as err:
+        result = compare(args.baseline, args.current, factor=args.factor, alpha=args.alpha, mode=args.mode,
+                         metrics=metrics)
+    except (CompareError, ValueError) as err:
         raise BadInput(str(err)) from None
     print_table(result)
     return result.exit_code

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved runs per side and trial")
     parser.add_argument("--slowdowns", default="0.1", help="comma-separated injected decode slowdowns (0.1 = 10%%)")
-    parser.add_argument("--factor", type=float, default=0.1, help="the gate's --factor")
+    parser.add_argument("--factor", type=float, default=0.15, help="the gate's --factor")
     parser.add_argument("--alpha", type=float, default=0.01, help="the gate's --alpha")
     parser.add_argument("--mode", default="auto", choices=("auto", "absolute", "ratio"))
     parser.add_argument("--matrix", help="matrix TOML (default: a one-cell tiny-llava matrix, see MATRIX)")

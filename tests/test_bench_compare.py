@@ -90,6 +90,10 @@ def test_bad_compare_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(ValueError, match="mode"):
         compare(tmp_path, tmp_path, mode="sideways")
+    base = _store(tmp_path, "base")
+    assert main(["compare", str(base), str(base), "--metrics", "decode_step_p10_s,speed"]) == 2
+    assert "unknown metric(s) ['speed']" in capsys.readouterr().err
+    assert main(["compare", str(base), str(base), "--metrics", "total_s"]) == 0
 
 
 # --- exit codes: 0 no regression, 1 regression, 2 unusable store, 3 baseline cell missing or failed -------------------
