@@ -1,7 +1,10 @@
 """The command line: `python -m bench run | report | compare`.
 
 Bad input (a malformed matrix, an unknown method, a budget outside (0, 1], a model that cannot be built, a missing
-results directory) is one line on stderr and exit code 2, before any cell runs.
+results directory, an output path that is a file, a directory or read-only, a results directory another runner
+holds) is one line on stderr and exit code 2, before any cell runs. Ctrl-C is one line and exit code 130 (SIGTERM:
+143); a part that cannot be written (disk full) stops the sweep with one line and exit code 1. `compare` exits 0 (no
+regression), 1 (regression), 2 (bad input or an unusable store), 3 (a baseline cell missing or failed in current).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,10 +54,20 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="HTML file to write (default: index.html beside the first results directory)")
     report.add_argument("--title", help="report title")
 
-    compare = verbs.add_parser("compare", help="regression gate: exit 1 when CURRENT is significantly slower")
+    compare = verbs.add_parser(
+        "compare", help="regression gate: exit 1 on a regression, 3 when a baseline cell is missing or failed in "
+        "CURRENT, 2 on bad input",
+    )
     compare.add_argument("baseline", help="baseline results directory")
     compare.add_argument("current", help="current results directory")
-    compare.add_argument("--factor", type=float, default=0.05, help="smallest relative change flagged (0.05 = 5%%)")
+    compare.add_argument(
+        "--factor", type=float, default=0.15,
+        help="smallest relative change of time flagged (0.15 = 15%%); the measured A/A spread raises it",
+    )
+    compare.add_argument(
+        "--metrics", default="decode_step_p10_s,prefill_s",
+        help="comma-separated timing metrics judged: decode_step_p10_s, prefill_s, total_s",
+    )
     compare.add_argument("--alpha", type=float, default=0.01, help="significance level of the Mann-Whitney U test")
     compare.add_argument(
         "--mode", choices=("auto", "absolute", "ratio"), default="auto",
@@ -84,7 +97,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _run(args: argparse.Namespace) -> int:
     from bench import matrix as matrix_mod
-    from bench import models
+    from bench import models, store
 
     mx = matrix_mod.load(args.matrix, _overrides(args))
     for spec in mx.models:
@@ -109,7 +122,15 @@ def _run(args: argparse.Namespace) -> int:
 
     from bench.runner import sweep
 
-    outcomes = sweep(cells, args.results, force=args.force, matrix_name=mx.name)
+    # Last of the checks (it creates the directory), still before any cell runs.
+    _preflight(lambda: store.check_writable_dir(args.results, "results directory"))
+    try:
+        outcomes = sweep(cells, args.results, force=args.force, matrix_name=mx.name)
+    except store.StoreLocked as err:
+        raise BadInput(str(err)) from None
+    except store.StoreError as err:
+        print(f"bench run: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     failed = [o for o in outcomes if o.status not in ("ok", "skipped")]
     ran = sum(o.status != "skipped" for o in outcomes)
     print(f"{ran} cells run, {len(outcomes) - ran} skipped, {len(failed)} failed; results in {args.results}")
@@ -117,35 +138,49 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from bench import store
     from bench.report import write_report
 
     for d in args.results:
         if not Path(d).is_dir():
             raise BadInput(f"results directory {d!r} does not exist")
     out = Path(args.out) if args.out else Path(args.results[0]) / "index.html"
+    _preflight(lambda: store.check_writable_file(out, "--out"))
     path = write_report(args.results, out, title=args.title)
     print(path)
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from bench.compare import compare, print_table
+    from bench.compare import CompareError, compare, print_table
 
-    for d in (args.baseline, args.current):
-        if not Path(d).is_dir():
-            raise BadInput(f"results directory {d!r} does not exist")
     if not 0 <= args.factor < 10:
         raise BadInput(f"--factor must be in [0, 10), got {args.factor}")
     if not 0 < args.alpha < 1:
         raise BadInput(f"--alpha must be in (0, 1), got {args.alpha}")
-    result = compare(args.baseline, args.current, factor=args.factor, alpha=args.alpha, mode=args.mode)
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    try:
+        result = compare(args.baseline, args.current, factor=args.factor, alpha=args.alpha, mode=args.mode,
+                         metrics=metrics)
+    except (CompareError, ValueError) as err:
+        raise BadInput(str(err)) from None
     print_table(result)
-    return 1 if result.regressions else 0
+    return result.exit_code
+
+
+def _preflight(check) -> None:
+    from bench.store import StoreError
+
+    try:
+        check()
+    except StoreError as err:
+        raise BadInput(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     from bench.matrix import MatrixError
     from bench.models import ModelError
+    from bench.runner import Interrupted
 
     args = _parser().parse_args(argv)
     handlers = {"run": _run, "report": _report, "compare": _compare}
@@ -154,3 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BadInput, MatrixError, ModelError) as err:
         print(f"bench {args.verb}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Interrupted as err:
+        print(f"bench {args.verb}: stopped by {err}; finished cells are kept (re-run to resume)", file=sys.stderr)
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        print(f"bench {args.verb}: interrupted; finished cells are kept (re-run to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -199,6 +199,17 @@ def load(path: str | Path, overrides: Mapping[str, object] | None = None) -> Mat
     return parse(raw, source=str(path), overrides=overrides, default_name=path.stem)
 
 
+#: Every integer is stored in an int64 parquet column; a seed feeds torch.Generator.manual_seed (which takes uint64),
+#: so both are bounded here rather than failing when the first part is written.
+INT_MAX = 2**63 - 1
+#: Command-line flag of each overridable field, for messages about an override.
+_FLAGS = {"timeout_s": "--timeout"}
+
+
+def flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 def parse(
     raw: Mapping[str, object],
     *,
@@ -206,7 +217,8 @@ def parse(
     overrides: Mapping[str, object] | None = None,
     default_name: str = "matrix",
 ) -> Matrix:
-    """Validate a parsed TOML document (see the module docstring) into a `Matrix`."""
+    """Validate a parsed TOML document (see the module docstring) into a `Matrix`. Errors about a field that an
+    override replaced name the override's flag (`--budgets: ...`), not the file."""
     unknown_tables = set(raw) - {"matrix", "method_kwargs"}
     if unknown_tables:
         raise MatrixError(f"{source}: unknown table(s) {sorted(unknown_tables)}; expected [matrix], [method_kwargs.*]")
@@ -214,14 +226,19 @@ def parse(
     if not isinstance(table, Mapping):
         raise MatrixError(f"{source}: missing the [matrix] table")
     values = dict(table)
+    overridden = {k for k, v in (overrides or {}).items() if v is not None}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+
+    def at(name: str) -> str:
+        return flag(name) if name in overridden else source
+
     workloads = _workloads(source, values.pop("workloads", None), values)
     unknown = set(values) - set(_FIELDS)
     if unknown:
         raise MatrixError(f"{source}: unknown field(s) {sorted(unknown)} in [matrix]; known: {', '.join(_FIELDS)}")
     if "models" not in values:
         raise MatrixError(f"{source}: [matrix] needs `models`")
-    fields = {name: _typed(source, name, value) for name, value in values.items()}
+    fields = {name: _typed(at(name), name, value) for name, value in values.items()}
     fields.setdefault("name", default_name)
 
     from prefixkv import METHODS, check_budget
@@ -231,37 +248,39 @@ def parse(
         methods = tuple(METHODS)
     for method in methods:
         if method not in METHODS:
-            raise MatrixError(f"{source}: unknown method {method!r}; known: {', '.join(METHODS)}")
+            raise MatrixError(f"{at('methods')}: unknown method {method!r}; known: {', '.join(METHODS)}")
     fields["methods"] = methods
     for budget in fields.get("budgets", Matrix.budgets):
         try:
             check_budget(budget)
         except ValueError as err:
-            raise MatrixError(f"{source}: {err}") from None
+            raise MatrixError(f"{at('budgets')}: {err}") from None
     from prefixkv.policy import POLICIES
 
     for policy in fields.get("decode_policies", Matrix.decode_policies):
         if policy not in POLICIES:
-            raise MatrixError(f"{source}: unknown decode policy {policy!r}; known: {', '.join(POLICIES)}")
+            raise MatrixError(
+                f"{at('decode_policies')}: unknown decode policy {policy!r}; known: {', '.join(POLICIES)}"
+            )
     if fields.get("dtype", Matrix.dtype) not in DTYPES:
-        raise MatrixError(f"{source}: unknown dtype {fields['dtype']!r}; known: {', '.join(DTYPES)}")
+        raise MatrixError(f"{at('dtype')}: unknown dtype {fields['dtype']!r}; known: {', '.join(DTYPES)}")
     for device in fields.get("devices", Matrix.devices):
         if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-            raise MatrixError(f"{source}: unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+            raise MatrixError(f"{at('devices')}: unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
     for name in ("batch_sizes", "text_lengths", "new_tokens", "repetitions"):
         for v in _as_tuple(fields.get(name, getattr(Matrix, name))):
-            if v < 1:
-                raise MatrixError(f"{source}: {name} must be >= 1, got {v}")
-    if fields.get("cpu_threads", 0) < 0:
-        raise MatrixError(f"{source}: cpu_threads must be >= 0 (0: torch's default), got {fields['cpu_threads']}")
-    if fields.get("warmup", 0) < 0:
-        raise MatrixError(f"{source}: warmup must be >= 0, got {fields['warmup']}")
+            if not 1 <= v <= INT_MAX:
+                raise MatrixError(f"{at(name)}: {name} must be >= 1 and <= 2**63-1, got {v}")
+    for name, low in (("cpu_threads", 0), ("warmup", 0), ("seed", 0)):
+        v = fields.get(name, getattr(Matrix, name))
+        if not low <= v <= INT_MAX:
+            raise MatrixError(f"{at(name)}: {name} must be in [{low}, 2**63-1], got {v}")
     timeout = fields.get("timeout_s", Matrix.timeout_s)
     if not (math.isfinite(timeout) and timeout > 0):
-        raise MatrixError(f"{source}: timeout_s must be > 0, got {timeout}")
+        raise MatrixError(f"{at('timeout_s')}: timeout_s must be > 0, got {timeout}")
     for name, tup in fields.items():
         if isinstance(tup, tuple) and not tup:
-            raise MatrixError(f"{source}: `{name}` is empty")
+            raise MatrixError(f"{at(name)}: `{name}` is empty")
 
     method_kwargs = raw.get("method_kwargs", {})
     if not isinstance(method_kwargs, Mapping) or not all(isinstance(v, Mapping) for v in method_kwargs.values()):
@@ -291,8 +310,8 @@ def _workloads(source: str, raw: object, values: Mapping[str, object]) -> tuple[
         if not isinstance(entry, Mapping) or set(entry) != set(_WORKLOAD_KEYS):
             raise MatrixError(f"{source}: workloads[{i}] must be a table with exactly batch, text, new; got {entry!r}")
         shape = tuple(entry[k] for k in _WORKLOAD_KEYS)
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
-            raise MatrixError(f"{source}: workloads[{i}] needs integers >= 1, got {entry!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= INT_MAX for v in shape):
+            raise MatrixError(f"{source}: workloads[{i}] needs integers in [1, 2**63-1], got {entry!r}")
         out.append(shape)
     return tuple(out)
 
@@ -328,9 +347,14 @@ def parse_list(text: str, kind: type, option: str) -> tuple:
     out = []
     for item in (s.strip() for s in text.split(",")):
         try:
-            out.append(kind(item))
-        except ValueError:
+            value = kind(item)
+        except (ValueError, OverflowError):
             raise MatrixError(f"{option}: {item!r} is not a valid {kind.__name__}") from None
+        if kind is int and not -INT_MAX - 1 <= value <= INT_MAX:
+            raise MatrixError(f"{option}: {item!r} is outside the 64-bit integer range")
+        if kind is str and not value:
+            raise MatrixError(f"{option}: empty item in {text!r}")
+        out.append(value)
     return tuple(out)
 
 
@@ -340,4 +364,4 @@ def select(cells: Iterable[Cell], keys: Sequence[str] | None) -> list[Cell]:
     return cells if not keys else [c for c in cells if any(c.key.startswith(k) for k in keys)]
 
 
-__all__ = ["DTYPES", "Cell", "Matrix", "MatrixError", "load", "parse", "parse_list", "select"]
+__all__ = ["DTYPES", "INT_MAX", "Cell", "Matrix", "MatrixError", "flag", "load", "parse", "parse_list", "select"]

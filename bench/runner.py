@@ -2,8 +2,12 @@
 
 A cell that raises, runs out of memory, crashes the interpreter (segfault, os._exit, CUDA error) or outlives its
 timeout is recorded as that cell's outcome with the error, and the sweep goes on. Cells whose part already exists
-for this machine are skipped (`force` re-runs them), so an interrupted sweep - even by kill -9 - resumes where it
-stopped and loses nothing that had finished.
+(and is valid) for this machine are skipped (`force` re-runs them), so an interrupted sweep - even by kill -9 -
+resumes where it stopped and loses nothing that had finished.
+
+Each cell runs in its own process group, killed whatever ends the runner: Ctrl-C, SIGTERM, an error, and - through
+the child's parent-death signal - kill -9 of the runner itself. Its scratch files live in the store's scratch folder
+of the run, removed at exit or, after a kill -9, by the next sweep. The sweep holds the store's lock.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -60,25 +68,60 @@ def cell_columns(cell: Cell) -> dict:
     }
 
 
-def run_cell(cell: Cell, python: str = sys.executable) -> tuple[str, list[dict], str | None]:
-    """Run one cell in a fresh interpreter: (status, rows, error)."""
+#: Started in the child before `bench.cell`: die with the runner (even when it is killed with SIGKILL, which leaves it
+#: no chance to clean up), then run the cell. A parent that died before the prctl call is caught by the ppid check.
+_CHILD = (
+    "import ctypes, os, runpy, signal, sys\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv.pop(1)):\n"
+    "    os._exit(1)\n"
+    "runpy.run_module('bench.cell', run_name='__main__', alter_sys=True)\n"
+)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The runner received SIGTERM or SIGHUP: treated like Ctrl-C (the cell in hand is killed, the sweep stops)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the cell and everything it started (its own process group), then reap it."""
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_cell(
+    cell: Cell, python: str = sys.executable, scratch: str | Path | None = None
+) -> tuple[str, list[dict], str | None]:
+    """Run one cell in a fresh interpreter, in its own process group: (status, rows, error). The process group is
+    killed whatever ends the wait (timeout, Ctrl-C, SIGTERM, an error in the runner)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
     if cell.device == "cpu" and cell.cpu_threads:
         # Sized before torch starts its thread pools: on a shared machine extra spinning threads cost 10x.
         env["OMP_NUM_THREADS"] = str(cell.cpu_threads)
-    with tempfile.TemporaryDirectory(prefix="bench-cell-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cell-", dir=scratch) as tmp:
         cell_file, result_file = Path(tmp) / "cell.json", Path(tmp) / "result.json"
         cell_file.write_text(cell.to_json())
+        proc = subprocess.Popen(
+            [python, "-c", _CHILD, str(os.getpid()), str(cell_file), str(result_file)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
         try:
-            proc = subprocess.run(
-                [python, "-m", "bench.cell", str(cell_file), str(result_file)],
-                env=env, capture_output=True, text=True, timeout=cell.timeout_s,
-            )
+            _, stderr = proc.communicate(timeout=cell.timeout_s)
         except subprocess.TimeoutExpired:
+            _kill_group(proc)
             return "timeout", [], f"no result after {cell.timeout_s:g} s (timeout_s); the process was killed"
+        finally:
+            if proc.returncode is None:
+                _kill_group(proc)
         if proc.returncode != 0 or not result_file.exists():
-            return "crash", [], _crash_message(proc.returncode, proc.stderr)
+            return "crash", [], _crash_message(proc.returncode, stderr)
         result = json.loads(result_file.read_text())
     if result["status"] != "ok":
         return result["status"], [], result["error"]
@@ -97,6 +140,29 @@ def _crash_message(returncode: int, stderr: str) -> str:
     return f"process died ({cause}): {tail[0][:300]}"
 
 
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+@contextmanager
+def _signals_interrupt():
+    """SIGTERM and SIGHUP raise `Interrupted` in the main thread (as SIGINT raises KeyboardInterrupt), so that the
+    cell in hand is killed and the lock released on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def sweep(
     cells: Sequence[Cell],
     results: str | Path,
@@ -106,39 +172,68 @@ def sweep(
     console: Console | None = None,
     python: str = sys.executable,
 ) -> list[Outcome]:
-    """Run `cells` (skipping those already in `results` for this machine unless `force`); one part per cell."""
+    """Run `cells` (skipping those already in `results` for this machine unless `force`); one part per cell.
+
+    Holds the store's lock throughout (a second runner fails with `store.StoreLocked`). A part that cannot be written
+    (disk full) stops the sweep with `store.StoreError`; Ctrl-C raises KeyboardInterrupt and SIGTERM/SIGHUP
+    `Interrupted`, after the cell in hand is killed. Finished parts are kept in every case."""
     console = console or Console(stderr=True)
     env = fingerprint()
-    run_id = f"{env['env_date']}-{uuid.uuid4().hex[:6]}"
-    store.remove_stale(results)
-    done = set() if force else store.finished(results, env["env_machine_id"])
+    run_id = new_run_id()
+    results = store.check_writable_dir(results, "results directory")
+    outcomes: list[Outcome] = []
+    with _signals_interrupt(), store.Lock(results, run_id):
+        # Under the lock no other sweep writes here: any temporary file or scratch folder is a killed run's leftover.
+        store.remove_stale(results)
+        try:
+            return _sweep_locked(cells, results, force, matrix_name, console, python, env, run_id, outcomes)
+        except store.StoreError as err:
+            ran = sum(o.status != "skipped" for o in outcomes)
+            raise store.StoreError(
+                f"{err}; the sweep stopped after {ran} of {len(cells)} cells (those are kept: free space and re-run "
+                "to resume)"
+            ) from None
+        finally:
+            store.remove_stale(results, owner=run_id)
+
+
+def _sweep_locked(cells, results, force, matrix_name, console, python, env, run_id, outcomes) -> list[Outcome]:
+    done = set() if force else store.finished(results, env["env_machine_id"], on_warning=_warner(console))
     todo = [c for c in cells if c.key not in done]
-    outcomes = [Outcome(c, "skipped") for c in cells if c.key in done]
+    outcomes.extend(Outcome(c, "skipped") for c in cells if c.key in done)
     if outcomes:
-        console.print(f"[dim]{len(outcomes)} of {len(cells)} cells already in {results}: skipped (--force re-runs)")
+        console.print(
+            f"[dim]{len(outcomes)} of {len(cells)} cells already in {escape(str(results))}: skipped (--force re-runs)"
+        )
     columns = (
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("ETA"), TimeRemainingColumn(),
+        SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
     )
+    scratch = store.scratch_dir(results, run_id)
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(todo))
         for cell in todo:
             progress.update(task, description=cell.label)
-            status, rows, error = run_cell(cell, python)
+            status, rows, error = run_cell(cell, python, scratch)
             base = {**cell_columns(cell), "matrix": matrix_name, "run_id": run_id, **env}
+            label = escape(cell.label)
             if status == "ok":
                 part = [{**base, **row} for row in rows]
                 first = rows[0]
                 tps = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
                 progress.console.print(
-                    f"[green]ok[/]      {cell.label}  {tps:,.1f} tok/s  prefill {first['prefill_s'] * 1e3:.1f} ms  "
+                    f"[green]ok[/]      {label}  {tps:,.1f} tok/s  prefill {first['prefill_s'] * 1e3:.1f} ms  "
                     f"agreement {first['token_agreement']:.2f}"
                 )
             else:
                 part = [{**base, "rep": None, "status": status, "error": error}]
-                progress.console.print(f"[red]{status:<7}[/] {cell.label}  {error}")
-            store.write_part(store.part_path(results, cell.key, env["env_machine_id"]), part)
+                progress.console.print(f"[red]{status:<7}[/] {label}  {escape(str(error))}")
+            store.write_part(store.part_path(results, cell.key, env["env_machine_id"]), part, owner=run_id)
             outcomes.append(Outcome(cell, status, error, len(part)))
             progress.advance(task)
         progress.update(task, description="done")
     return outcomes
+
+
+def _warner(console: Console):
+    return lambda message: console.print(f"[yellow]warning:[/] {escape(message)}")

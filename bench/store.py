@@ -1,57 +1,136 @@
 """The results store: a directory of parquet part files, one per (cell, machine), each written atomically.
 
     DIR/parts/<cell key>-<machine id>.parquet     one row per repetition (or one row saying why the cell failed)
+    DIR/quarantine/<part name>.<n>.corrupt        parts that failed validation on read, moved aside
+    DIR/.lock, DIR/.lock.holder                   the writer's lock (filelock) and who holds it (pid, host, run id)
 
-A part appears complete or not at all (written to a temporary name, then `os.replace`d), so a sweep killed at any
-moment loses at most the cell in hand, and a re-run skips every cell that has its part. Stores from several
-machines merge by copying their parts into one directory (or by loading several directories at once).
+A part appears complete or not at all (written to a temporary name owned by its run, then `os.replace`d), so a sweep
+killed at any moment loses at most the cell in hand, and a re-run skips every cell that has a valid part. A part that
+is nevertheless unreadable (a truncated copy, a full disk on another tool's copy) is quarantined when read: one
+warning line names it, its cell counts as not finished (the next `run` re-runs it) and readers go on with the valid
+parts. Stores from several machines merge by copying their parts into one directory (or by loading several
+directories at once).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
-from collections.abc import Iterable, Sequence
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import filelock
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+#: Columns a part must have to be read as one.
+REQUIRED_COLUMNS = ("key", "status")
+_TMP_SUFFIX = ".tmp"
+
+
+class StoreError(OSError):
+    """The store cannot be used or written (locked, read-only, disk full); the message is one line."""
+
+
+class StoreLocked(StoreError):
+    """Another runner holds the results directory."""
 
 
 def part_path(results: str | Path, key: str, machine_id: str) -> Path:
     return Path(results) / "parts" / f"{key}-{machine_id}.parquet"
 
 
-def write_part(path: Path, rows: Sequence[dict]) -> None:
-    """Write `rows` as one parquet file at `path`, atomically (readers see the old state or the whole new file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table = pa.Table.from_pylist([dict(r) for r in rows])
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _tmp_name(path: Path, owner: str) -> Path:
+    return path.with_name(f".{path.name}.{owner}{_TMP_SUFFIX}")
 
 
-def remove_stale(results: str | Path) -> int:
-    """Delete temporary files left by a writer that was killed mid-write; return how many. Call only when no other
-    sweep writes to `results`."""
-    folder = Path(results) / "parts"
-    stale = list(folder.glob(".*.tmp")) if folder.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
+def write_part(path: Path, rows: Sequence[dict], *, owner: str | None = None) -> None:
+    """Write `rows` as one parquet file at `path`, atomically (readers see the old state or the whole new file).
+
+    The temporary file carries `owner` (the run id; the pid by default) in its name, so a sweep can tell its own
+    leftovers from another writer's. A failed write (disk full, read-only) removes the temporary file and raises
+    `StoreError` with one line naming the part."""
+    owner = owner or str(os.getpid())
+    tmp = _tmp_name(path, owner)
+    try:
+        table = pa.Table.from_pylist([dict(r) for r in rows])
+    except (pa.ArrowException, OverflowError) as err:
+        raise StoreError(f"cannot store the rows of {path.name}: {err}") from None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        what = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+        raise StoreError(f"cannot write {path}: {what}") from None
 
 
-def finished(results: str | Path, machine_id: str) -> set[str]:
-    """Keys of the cells whose part from machine `machine_id` exists (any outcome: a failed cell is not retried
-    unless forced)."""
+def read_part(path: Path) -> pd.DataFrame:
+    """One part as a DataFrame; ValueError (one line) when it is not a complete, well-formed part."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"no column(s) {', '.join(missing)}")
+    if table.num_rows == 0:
+        raise ValueError("no rows")
+    return table.to_pandas()
+
+
+def _store_root(path: Path) -> Path:
+    return path.parent.parent if path.parent.name == "parts" else path.parent
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def quarantine(path: Path, reason: str, on_warning: Callable[[str], None] = warn) -> Path | None:
+    """Move a bad part to DIR/quarantine/ (its cell then counts as not finished) and say so in one line; return
+    where it went (None when the store is read-only: the part is then only skipped)."""
+    folder = _store_root(path) / "quarantine"
+    try:
+        folder.mkdir(exist_ok=True)
+        n = len(list(folder.glob(f"{path.name}.*.corrupt")))
+        dest = folder / f"{path.name}.{n}.corrupt"
+        os.replace(path, dest)
+    except OSError:
+        on_warning(f"corrupt part {path} skipped ({reason}); the store is read-only, so it stays in place")
+        return None
+    on_warning(f"corrupt part {path} moved to {dest} ({reason}); its cell will be re-run by the next `bench run`")
+    return dest
+
+
+def finished(results: str | Path, machine_id: str, on_warning: Callable[[str], None] = warn) -> set[str]:
+    """Keys of the cells with a valid part from machine `machine_id` (any outcome: a failed cell is not retried
+    unless forced). Invalid parts are quarantined, so their cells are not finished."""
     suffix = f"-{machine_id}.parquet"
     folder = Path(results) / "parts"
     if not folder.is_dir():
         return set()
-    return {p.name[: -len(suffix)] for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith(".")}
+    out = set()
+    for p in sorted(folder.iterdir()):
+        if not p.name.endswith(suffix) or p.name.startswith("."):
+            continue
+        try:
+            read_part(p)
+        except ValueError as err:
+            quarantine(p, str(err), on_warning)
+            continue
+        out.add(p.name[: -len(suffix)])
+    return out
 
 
 def parts(dirs: Iterable[str | Path]) -> list[Path]:
@@ -61,13 +140,100 @@ def parts(dirs: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def load(*dirs: str | Path) -> pd.DataFrame:
-    """Every row under `dirs` (searched recursively, so stores nest and merge), as one DataFrame."""
-    files = parts(dirs)
-    if not files:
-        return pd.DataFrame()
-    frames = [pq.read_table(f).to_pandas() for f in files]
-    frames = [f for f in frames if not f.empty]
+def load(*dirs: str | Path, on_warning: Callable[[str], None] = warn) -> pd.DataFrame:
+    """Every valid row under `dirs` (searched recursively, so stores nest and merge), as one DataFrame. Parts that
+    fail validation are quarantined (see `quarantine`) and left out."""
+    frames = []
+    for f in parts(dirs):
+        try:
+            frames.append(read_part(f))
+        except ValueError as err:
+            quarantine(f, str(err), on_warning)
     if not frames:
         return pd.DataFrame()
     return pd.concat(frames, ignore_index=True, sort=False)
+
+
+def remove_stale(results: str | Path, *, owner: str | None = None) -> int:
+    """Delete temporary files (and cell scratch folders) left by killed writers; return how many.
+
+    With `owner`, only that run's own leftovers go. Without, every run's: call it that way only while holding the
+    store's lock (`Lock`), which proves that no other sweep is writing."""
+    root = Path(results)
+    pattern = f"*.{owner}{_TMP_SUFFIX}" if owner else f"*{_TMP_SUFFIX}"
+    stale = [p for p in (root / "parts").glob(f".{pattern}")] if (root / "parts").is_dir() else []
+    scratch = [p for p in root.glob(f".scratch-{owner or '*'}") if p.is_dir()] if root.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    for p in scratch:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale) + len(scratch)
+
+
+def scratch_dir(results: str | Path, owner: str) -> Path:
+    """A run's scratch folder inside the store (cell inputs and outputs): removed by the run at exit, and by the next
+    sweep if the run was killed, so nothing leaks into the system's temporary folder."""
+    path = Path(results) / f".scratch-{owner}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Lock:
+    """The writer's lock on a results directory (`filelock`, released by the OS when the holder dies, even by
+    kill -9). Beside it, `.lock.holder` says who holds it, so that a second runner fails naming the holder."""
+
+    def __init__(self, results: str | Path, run_id: str) -> None:
+        self.root = Path(results)
+        self.run_id = run_id
+        self._lock = filelock.FileLock(str(self.root / ".lock"), timeout=0)
+        self._holder = self.root / ".lock.holder"
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self._holder.read_text())
+            return f"pid {info['pid']} on {info['host']}, run {info['run_id']}, since {info['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "an unknown process (no readable .lock.holder)"
+
+    def __enter__(self) -> Lock:
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise StoreLocked(
+                f"results directory {str(self.root)!r} is in use by another runner ({self.holder()}); wait for it "
+                f"or use another --results"
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._holder.write_text(json.dumps(info))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._holder.unlink(missing_ok=True)
+        self._lock.release()
+
+
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    """Create `path` if needed and prove it writable by writing a probe file; StoreError (one line) otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{what} {str(path)!r} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise StoreError(f"{what} {str(path)!r} is not writable: {err.strerror or err}") from None
+    return path
+
+
+def check_writable_file(path: str | Path, what: str) -> Path:
+    """Check that a file can be written at `path` (its folder writable, the path not a directory)."""
+    path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"{what} {str(path)!r} is a directory; give a file name")
+    check_writable_dir(path.parent, f"the folder of {what}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise StoreError(f"{what} {str(path)!r} is not writable")
+    return path

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 # One switch for the whole package: whether kernels run here, and whether they are interpreted.
-from kernels.scores import _INTERPRET, PERSIST_AUTOTUNE, _config_name, kernels_available
+from kernels.scores import _INTERPRET, PERSIST_AUTOTUNE, _config_name, check_tensor, kernels_available
 
 #: GPU autotuning space: rows per program and warps. A pure copy, so only the bytes in flight matter.
 COMPACT_CONFIGS = [
@@ -121,6 +121,7 @@ def compact_kv(
     """
     batch, heads, _, head_dim = _check_kv(keys, values)
     n_keep = _check_index_shape(indices, keys)
+    _check_debug(debug)
     if out is None:
         dst_k = torch.empty(batch, heads, n_keep, head_dim, dtype=keys.dtype, device=keys.device)
         dst_v = torch.empty(batch, heads, n_keep, head_dim, dtype=values.dtype, device=values.device)
@@ -128,6 +129,8 @@ def compact_kv(
         if not isinstance(out, tuple | list) or len(out) != 2:
             raise ValueError(f"out must be a pair (k_buf, v_buf), got {type(out).__name__}")
         dst_k, dst_v = out
+        check_tensor("out[0]", dst_k)
+        check_tensor("out[1]", dst_v)
     compact_kv_into(keys, values, indices, dst_k, dst_v, debug=debug)
     return dst_k[:, :, :n_keep], dst_v[:, :, :n_keep]
 
@@ -149,8 +152,11 @@ def compact_kv_into(
     dst must not overlap src: programs run in any order, so block j could read a source row that block i < j has
     already overwritten. Overlap raises ValueError.
     """
-    batch, heads, seq, head_dim = _check_kv(src_k, src_v)
+    batch, heads, seq, head_dim = _check_kv(src_k, src_v, ("src_k", "src_v"))
     n_keep = _check_index_shape(indices, src_k)
+    _check_debug(debug)
+    check_tensor("dst_k", dst_k)
+    check_tensor("dst_v", dst_v)
     for name, dst in (("dst_k", dst_k), ("dst_v", dst_v)):
         if dst.dim() != 4 or tuple(dst.shape[:2]) != (batch, heads) or dst.shape[2] < n_keep:
             raise ValueError(
@@ -208,7 +214,11 @@ def autotuned_configs() -> dict[str, str | None]:
     return {"compact_kv": _config_name(_compact_kv_kernel)}
 
 
-def _check_kv(keys: torch.Tensor, values: torch.Tensor) -> tuple[int, int, int, int]:
+def _check_kv(
+    keys: torch.Tensor, values: torch.Tensor, names: tuple[str, str] = ("keys", "values")
+) -> tuple[int, int, int, int]:
+    check_tensor(names[0], keys)
+    check_tensor(names[1], values)
     if keys.dim() != 4 or keys.shape != values.shape:
         raise ValueError(
             f"keys and values must be 4-D (batch, kv_heads, seq, head_dim) of one shape; "
@@ -227,6 +237,7 @@ def _check_kv(keys: torch.Tensor, values: torch.Tensor) -> tuple[int, int, int, 
 
 def _check_index_shape(indices: torch.Tensor, keys: torch.Tensor) -> int:
     """Shape, dtype and device checks that need no sync; returns k. Values are checked only by `check_indices`."""
+    check_tensor("indices", indices)
     batch, heads, seq, _ = keys.shape
     if indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
@@ -243,6 +254,11 @@ def _check_index_shape(indices: torch.Tensor, keys: torch.Tensor) -> int:
     if n_keep > seq:
         raise ValueError(f"{n_keep} indices cannot be unique in a sequence of {seq}")
     return n_keep
+
+
+def _check_debug(debug: object) -> None:
+    if not isinstance(debug, bool):
+        raise TypeError(f"debug must be a bool, got {debug!r}"[:120])
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -263,6 +279,12 @@ def check_indices(indices: torch.Tensor, batch: int, heads: int, seq: int) -> to
 
     Indices must be sorted ascending, unique and in [0, seq); raises ValueError naming the first bad entry.
     """
+    check_tensor("indices", indices)
+    for name, v in (("batch", batch), ("heads", heads), ("seq", seq)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int, got {v!r}"[:120])
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
     if indices.dim() == 2:
         indices = indices[:, None, :].expand(indices.shape[0], heads, indices.shape[1])
     if indices.dim() != 3 or indices.shape[0] != batch or indices.shape[1] != heads:
@@ -294,6 +316,13 @@ def compact_kv_ref(
     keys, values: (batch, kv_heads, s, d); indices: (batch, kv_heads, k) or (batch, k), sorted, unique, in [0, s).
     Returns dense (batch, kv_heads, k, d) tensors in the input dtype (a copy is exact in any dtype).
     """
+    check_tensor("keys", keys)
+    check_tensor("values", values)
+    if keys.dim() != 4 or values.dim() != 4:
+        raise ValueError(
+            f"keys and values must be 4-D (batch, kv_heads, seq, head_dim); got {tuple(keys.shape)} and "
+            f"{tuple(values.shape)}"
+        )
     if keys.shape[:3] != values.shape[:3]:
         raise ValueError(
             f"keys {tuple(keys.shape)} and values {tuple(values.shape)} disagree on (batch, heads, seq)"

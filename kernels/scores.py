@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 import os
 
 import torch
@@ -337,6 +338,10 @@ def attention_scores(
     Falls back to `attention_scores_ref` where `kernels_available(q.device)` is False.
     """
     _check_qk(q, k, window)
+    _check_options(causal, window, scale)
+    window, scale = _plain(window, int), _plain(scale, float)
+    if out is not None:
+        check_tensor("out", out)
     if q.dtype not in _DTYPES or k.dtype != q.dtype:
         raise ValueError(f"q and k must share a dtype among {_DTYPES}; got {q.dtype} and {k.dtype}")
     if q.device != k.device:
@@ -390,7 +395,39 @@ def attention_scores(
     return out
 
 
+def check_tensor(name: str, value: object) -> None:
+    """TypeError naming the argument when `value` is not a tensor (a list, an array): checked before any attribute."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__} {_short(value)}")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_options(causal: object, window: object, scale: object) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {_short(causal)}")
+    if window is not None and (not isinstance(window, numbers.Integral) or isinstance(window, bool)):
+        raise TypeError(f"window must be an int number of queries or None, got {_short(window)}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of queries, got {window}")
+    if scale is not None:
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+            raise TypeError(f"scale must be a float or None, got {_short(scale)}")
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a finite number > 0, got {scale}")
+
+
+def _plain(value, kind):
+    """numpy scalars as Python numbers (the Triton interpreter takes only those); None stays None."""
+    return None if value is None else kind(value)
+
+
 def _check_qk(q: torch.Tensor, k: torch.Tensor, window: int | None) -> None:
+    check_tensor("q", q)
+    check_tensor("k", k)
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(
             f"q and k must be 4-D (batch, heads, seq, head_dim); got {tuple(q.shape)} and {tuple(k.shape)}"
@@ -403,8 +440,8 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, window: int | None) -> None:
         raise ValueError(
             f"more queries ({q.shape[2]}) than keys ({k.shape[2]}): queries align with the last keys"
         )
-    if window is not None and window < 1:
-        raise ValueError(f"window must be a positive number of queries, got {window}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"head_dim must be >= 1, got q {tuple(q.shape)}")
 
 
 def attention_scores_ref(
@@ -425,6 +462,10 @@ def attention_scores_ref(
     materialised whole.
     """
     _check_qk(q, k, window)
+    _check_options(causal, window, scale)
+    window, scale = _plain(window, int), _plain(scale, float)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {_short(chunk_size)}")
     if window is not None:
         q = q[:, :, -window:]
     batch, q_heads, s_q, d = q.shape

@@ -148,3 +148,112 @@ def test_method_kwargs_policy_wins(tmp_path):
     cells = matrix.load(_write(tmp_path, text)).cells()
     assert {c.decode for c in cells if c.method == "h2o"} == {"fixed_position"}
     assert len({c.key for c in cells}) == len(cells)
+
+
+# --- bounds at parse time, override attribution, property tests of the parsers -------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("seed = 99999999999999999999\n", "seed must be in [0, 2**63-1], got 99999999999999999999"),
+        ("seed = -1\n", "seed must be in [0, 2**63-1], got -1"),
+        ("warmup = 9223372036854775808\n", "warmup must be in [0, 2**63-1]"),
+        ("cpu_threads = -2\n", "cpu_threads must be in [0, 2**63-1]"),
+    ],
+)
+def test_numbers_are_bounded_at_parse_time(tmp_path, capsys, extra, expected):
+    # The audit: a seed above int64 was accepted, then the first write_part raised OverflowError mid-sweep.
+    code = main(["run", "--matrix", str(_write(tmp_path, GOOD + extra)), "--results", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--budgets", "2"], "--budgets: budget must be in (0, 1], got 2.0"),
+        (["--batch-sizes", "0"], "--batch-sizes: batch_sizes must be >= 1"),
+        (["--batch-sizes", "99999999999999999999"], "--batch-sizes: '99999999999999999999' is outside"),
+        (["--repetitions", "0"], "--repetitions: repetitions must be >= 1"),
+        (["--warmup", "-1"], "--warmup: warmup must be in [0, 2**63-1], got -1"),
+        (["--timeout", "nan"], "--timeout: timeout_s must be > 0, got nan"),
+        (["--dtype", "float8"], "--dtype: unknown dtype 'float8'"),
+        (["--devices", "tpu"], "--devices: unknown device 'tpu'"),
+        (["--decode-policies", "lru"], "--decode-policies: unknown decode policy 'lru'"),
+        (["--methods", "prefixkv,"], "--methods: empty item"),
+    ],
+)
+def test_override_errors_name_the_flag_not_the_file(tmp_path, capsys, args, expected):
+    # The audit: `--budgets 2` said "default.toml: budget must ...".
+    code = main(["run", "--matrix", str(_write(tmp_path, GOOD)), "--results", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "m.toml" not in err and len(err.strip().splitlines()) == 1
+
+
+_ITEM = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters=","), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(_ITEM, min_size=1, max_size=5), kind=st.sampled_from([int, float, str]))
+def test_parse_list_returns_values_or_one_matrix_error(items, kind):
+    text = ",".join(items)
+    try:
+        values = matrix.parse_list(text, kind, "--opt")
+    except matrix.MatrixError as err:
+        assert str(err).startswith("--opt: ") and "\n" not in str(err)
+        return
+    assert len(values) == len(items) and all(isinstance(v, kind) for v in values)
+    if kind is int:
+        assert all(-(2**63) <= v < 2**63 for v in values)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ints=st.lists(st.integers(min_value=-(2**70), max_value=2**70), min_size=1, max_size=3))
+def test_parse_list_of_ints_roundtrips_in_range(ints):
+    text = ",".join(map(str, ints))
+    if all(-(2**63) <= v < 2**63 for v in ints):
+        assert matrix.parse_list(text, int, "--x") == tuple(ints)
+    else:
+        with pytest.raises(matrix.MatrixError, match="outside the 64-bit"):
+            matrix.parse_list(text, int, "--x")
+
+
+_TOML_VALUE = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(), st.text(max_size=8), st.lists(st.integers(min_value=-(2**66), max_value=2**66), max_size=3),
+    st.lists(st.floats(allow_nan=True), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+_FIELD = st.sampled_from(sorted(matrix._FIELDS) + ["workloads"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.dictionaries(_FIELD, _TOML_VALUE, max_size=4))
+def test_matrix_values_give_a_matrix_or_one_matrix_error(values):
+    raw = {"matrix": {"models": ["tiny-llava"], **values}}
+    try:
+        mx = matrix.parse(raw, source="fuzz.toml")
+    except matrix.MatrixError as err:
+        assert "\n" not in str(err) and str(err).startswith("fuzz.toml: ")
+        return
+    cells = mx.cells()
+    # Whatever got through expands, and every integer fits the store's int64 columns.
+    for cell in cells:
+        for name in ("batch_size", "text_tokens", "new_tokens", "seed", "cpu_threads", "repetitions", "warmup"):
+            assert 0 <= getattr(cell, name) <= matrix.INT_MAX
+        assert 0 < cell.budget <= 1 and cell.timeout_s > 0 and cell.timeout_s == cell.timeout_s
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(["budgets", "batch_sizes", "seed", "timeout_s", "repetitions", "dtype"]),
+       value=_TOML_VALUE)
+def test_override_errors_always_name_the_flag(name, value):
+    raw = {"matrix": {"models": ["tiny-llava"]}}
+    try:
+        matrix.parse(raw, source="file.toml", overrides={name: value})
+    except matrix.MatrixError as err:
+        assert str(err).startswith(matrix.flag(name) + ": "), err

@@ -3,6 +3,7 @@ the HTML report checked in headless Chromium."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from bench import store
 from bench.cli import main
@@ -108,11 +110,18 @@ def test_resume_after_kill_minus_9(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert "1 of 2 cells already in" in rerun.stderr and "1 cells run, 1 skipped" in rerun.stdout
     frame = store.load(results)
-    assert sorted(frame["method"].unique()) == ["full", "prefixkv"] and (frame["status"] == "ok").all()
+    assert sorted(frame["method"].unique()) == ["full", "prefixkv"] and (frame["status"] == "ok").all(), frame["error"]
     assert done <= {p.name for p in store.parts([results])}  # nothing finished was lost or rewritten
     assert not [p for p in (results / "parts").iterdir() if p.name.startswith(".")]
     forced = _bench("run", "--matrix", str(path), "--results", str(results), "--force", "--methods", "full")
     assert "1 cells run, 0 skipped" in forced.stdout
+    # A truncated part (the audit: `truncate -s 5000`) is quarantined and its cell alone re-run.
+    victim = sorted(store.parts([results]))[0]
+    os.truncate(victim, victim.stat().st_size // 2)
+    repaired = _bench("run", "--matrix", str(path), "--results", str(results))
+    assert repaired.returncode == 0, repaired.stderr
+    assert "1 cells run, 1 skipped" in repaired.stdout and "quarantine" in repaired.stderr
+    assert len(store.load(results)) == 4 and victim.exists()
 
 
 def test_gate_on_real_runs_flags_injected_slowdown(tmp_path):
@@ -180,3 +189,106 @@ def test_report_renders_in_headless_chromium(sweep_with_failures, tmp_path):
     state = json.loads(dom.split('<pre id="__check">', 1)[1].split("</pre>", 1)[0].replace("&quot;", '"'))
     assert state["errors"] == []
     assert len(state["images"]) >= 4 and all(state["images"])
+
+
+def test_report_on_a_truncated_copy_of_a_store(sweep_with_failures, tmp_path):
+    # The audit's reproduction: copy a store, `truncate -s 5000` one part, `bench report` -> 31-line traceback, exit 1.
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_with_failures[0], copy)
+    victim = sorted(store.parts([copy]))[0]
+    os.truncate(victim, 5000 if victim.stat().st_size > 5000 else victim.stat().st_size // 2)
+    proc = _bench("report", "--results", str(copy))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("warning:") == 1 and victim.name in proc.stderr and "Traceback" not in proc.stderr
+    assert (copy / "index.html").exists() and len(store.parts([copy])) == 4
+
+
+# --- the runner's processes: a second runner, Ctrl-C, kill -9 ------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_hanging_runner(tmp_path: Path, results: Path) -> tuple[subprocess.Popen, int]:
+    """A runner whose one cell hangs; returns it and the cell's pid once the cell is running."""
+    path = _matrix(tmp_path, '"full"')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "run", "--matrix", str(path), "--results", str(results)], cwd=ROOT,
+        env={**os.environ, "BENCH_TEST_FAULT": "hang:full"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        cells = _children(proc.pid)
+        if cells and (results / ".lock.holder").exists():
+            return proc, cells[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("the cell never started")
+
+
+def _wait_gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+def test_second_runner_is_refused_and_ctrl_c_is_one_line(tmp_path):
+    results = tmp_path / "results"
+    proc, cell = _start_hanging_runner(tmp_path, results)
+    try:
+        second = _bench("run", "--matrix", str(_matrix(tmp_path, '"full"')), "--results", str(results))
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.count("\n") == 1 and f"in use by another runner (pid {proc.pid} on" in second.stderr
+        assert os.getpgid(cell) != os.getpgid(proc.pid)  # the cell has its own process group
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("bench run: interrupted;")
+    assert len([line for line in err.splitlines() if "interrupted" in line or "Error" in line]) == 1
+    assert _wait_gone(cell), "the cell outlived the runner"
+    assert not (results / ".lock.holder").exists() and not list(results.glob(".scratch-*"))
+    assert not store.parts([results])  # nothing half-written
+
+
+def test_sigterm_kills_the_cell(tmp_path):
+    proc, cell = _start_hanging_runner(tmp_path, tmp_path / "results")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "stopped by SIGTERM" in err and "Traceback" not in err
+    assert _wait_gone(cell)
+
+
+def test_kill_minus_9_of_the_runner_leaves_no_orphan_cell(tmp_path):
+    results = tmp_path / "results"
+    proc, cell = _start_hanging_runner(tmp_path, results)
+    proc.kill()  # SIGKILL to the runner alone: no handler runs
+    proc.communicate(timeout=60)
+    assert _wait_gone(cell), "the cell kept running after the runner was killed"
+    # Its scratch folder stays until the next sweep, which removes it (the lock proves its owner is dead).
+    assert list(results.glob(".scratch-*"))
+    from bench.runner import sweep
+
+    assert sweep([], results, console=Console(file=io.StringIO())) == []
+    assert not list(results.glob(".scratch-*")) and not (results / ".lock.holder").exists()

@@ -206,3 +206,25 @@ def test_falls_back_to_reference_without_kernels(monkeypatch):
     want_k, want_v = compact_kv_ref(keys, values, idx)
     assert torch.equal(dst_k[:, :, :3], want_k) and torch.equal(dst_v[:, :, :3], want_v)
     assert dst_k[:, :, 3:].isnan().all()
+
+
+def test_non_tensors_are_rejected_naming_the_argument():
+    # The audit: a list instead of a tensor gave an AttributeError from deep inside.
+    keys, values = _cache(1, 2, 9, 16, torch.float16)
+    idx = torch.tensor([[1, 3, 5]], device=DEVICE)
+    with pytest.raises(TypeError, match=r"^indices must be a torch.Tensor, got list \[\[1, 3, 5\]\]$"):
+        compact_kv(keys, values, [[1, 3, 5]])
+    with pytest.raises(TypeError, match=r"^keys must be a torch.Tensor, got list"):
+        compact_kv(keys.tolist(), values, idx)
+    with pytest.raises(TypeError, match=r"^src_v must be a torch.Tensor, got NoneType None$"):
+        compact_kv_into(keys, None, idx, keys.clone(), values.clone())
+    with pytest.raises(TypeError, match=r"^dst_k must be a torch.Tensor, got tuple"):
+        compact_kv_into(keys, values, idx, (1, 2), values.clone())
+    with pytest.raises(TypeError, match=r"^debug must be a bool, got 'yes'$"):
+        compact_kv(keys, values, idx, debug="yes")
+    with pytest.raises(TypeError, match=r"^indices must be a torch.Tensor"):
+        compact_kv_ref(keys, values, [[1, 3, 5]])
+    with pytest.raises(TypeError, match=r"^seq must be an int, got 9.0$"):
+        check_indices(idx, 1, 2, 9.0)
+    with pytest.raises(ValueError, match=r"^batch must be >= 0, got -1$"):
+        check_indices(idx, -1, 2, 9)

@@ -142,6 +142,45 @@ def test_rejects_mixed_dtypes():
         attention_scores(torch.randn(1, 2, 4, 64).double(), torch.randn(1, 2, 4, 64).double())
 
 
+@pytest.mark.parametrize("fn", [attention_scores, attention_scores_ref])
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ("q-list", {}, TypeError, r"^q must be a torch.Tensor, got list"),
+        ("k-array", {}, TypeError, r"^k must be a torch.Tensor, got ndarray"),
+        ("ok", {"window": 2.5}, TypeError, r"^window must be an int .* got 2.5$"),
+        ("ok", {"window": True}, TypeError, r"^window must be an int .* got True$"),
+        ("ok", {"scale": "x"}, TypeError, r"^scale must be a float or None, got 'x'$"),
+        ("ok", {"scale": float("nan")}, ValueError, r"^scale must be a finite number > 0, got nan$"),
+        ("ok", {"scale": -1.0}, ValueError, r"^scale must be a finite number > 0, got -1.0$"),
+        ("ok", {"causal": "yes"}, TypeError, r"^causal must be a bool, got 'yes'$"),
+        ("head-dim-0", {}, ValueError, r"^head_dim must be >= 1, got q \(1, 2, 4, 0\)$"),
+    ],
+)
+def test_wrappers_reject_bad_input_at_the_door(fn, args, kwargs, error, match):
+    # The audit: window=2.5, scale='x', head_dim 0 and a list gave TypeError/ZeroDivisionError/AttributeError from
+    # deep inside; each now names the argument and the value.
+    import numpy as np
+
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    if args == "q-list":
+        q = q.tolist()
+    elif args == "k-array":
+        k = np.zeros((1, 2, 4, 8))
+    elif args == "head-dim-0":
+        q, k = torch.randn(1, 2, 4, 0), torch.randn(1, 2, 4, 0)
+    with pytest.raises(error, match=match):
+        fn(q, k, **kwargs)
+
+
+def test_numpy_integers_and_floats_are_accepted():
+    import numpy as np
+
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    expected = attention_scores_ref(q, k, window=2, scale=0.5)
+    torch.testing.assert_close(attention_scores(q, k, window=np.int64(2), scale=np.float32(0.5)), expected)
+
+
 def test_fp32_tunes_only_small_blocks():
     """First-call cost: fp32 ("ieee" dot) autotunes over the small-block configs only; fp16/bf16 over all."""
     from kernels.scores import LSE_CONFIGS, SCORE_CONFIGS, _prune_fp32
