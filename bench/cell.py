@@ -20,6 +20,8 @@ Test-only hooks (environment variables; never set outside tests):
 - BENCH_TEST_FAULT="MODE:METHOD[,MODE:METHOD...]": cells of METHOD fail before any work - MODE `raise` raises,
   `exit` calls os._exit(3) (a crash), `oom` raises torch.OutOfMemoryError, `hang` sleeps past any timeout.
 - BENCH_TEST_SLOW_DECODE="METHOD:SECONDS": every decode step of METHOD sleeps SECONDS (an injected regression).
+- BENCH_TEST_EXTRA_DECODE_WORK="METHOD": every decode step of METHOD runs one extra allocation and kernel (an
+  injected regression that only the counters can see for sure).
 """
 
 from __future__ import annotations
@@ -67,6 +69,18 @@ def _slow_decode_hook(model: torch.nn.Module, cell: Cell):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None and ids.shape[-1] == 1:
             time.sleep(delay)
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _extra_work_hook(model: torch.nn.Module, cell: Cell):
+    if os.environ.get("BENCH_TEST_EXTRA_DECODE_WORK", "") != cell.method:
+        return None
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[-1] == 1:
+            torch.ones(64, device=ids.device).add_(1)
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -137,9 +151,10 @@ def measure(cell: Cell) -> list[dict]:
     torch.manual_seed(cell.seed)
     loaded = build(cell.model, cell.device, cell.dtype)
     model, inputs = loaded.model, loaded.make_inputs(cell.batch_size, cell.text_tokens, cell.seed)
+    _extra_work_hook(model, cell)  # test-only (module docstring); lives as long as the model
     prompt_length = inputs["input_ids"].shape[1]
     kwargs = dict(cell.method_kwargs)
-    compile_step = bool(getattr(cell, "compile", False))
+    compile_step = cell.compile
 
     def run(method: str = cell.method, budget: float = cell.budget, *, timer=None, compile_step=compile_step,
             new_tokens=cell.new_tokens, **kw):

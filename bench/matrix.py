@@ -16,6 +16,7 @@ A matrix file has one `[matrix]` table (see `bench/matrices/default.toml` for ev
     cpu_threads = 1                    # torch threads of CPU cells (0: torch's default)
 
     decode_policies = ["grow"]         # what happens to generated tokens (prefixkv.policy); `full` always grows
+    compile = [false]                  # [true]: decode with torch.compile (CUDA graphs on CUDA); [false, true]: both
     # workloads = [{batch = 16, text = 448, new = 512}]   # explicit shapes instead of the product of the three lists
 
     [method_kwargs.prefixkv]           # optional hyper-parameters per method
@@ -59,6 +60,7 @@ _FIELDS: dict[str, tuple[type, bool]] = {
     "timeout_s": (float, False),
     "cpu_threads": (int, False),
     "decode_policies": (str, True),
+    "compile": (bool, True),
 }
 #: Keys of one entry of `workloads`.
 _WORKLOAD_KEYS = ("batch", "text", "new")
@@ -83,6 +85,8 @@ class Cell:
     method_kwargs: Mapping[str, object] = field(default_factory=dict)
     seed: int = 0
     cpu_threads: int = 0
+    #: Decode with `prefixkv.generate(compile=True)`: part of the identity only when set, so eager keys stay stable.
+    compile: bool = False
     # Not part of the identity: how the cell is measured.
     repetitions: int = 3
     warmup: int = 1
@@ -93,6 +97,8 @@ class Cell:
         out = asdict(self)
         for name in ("repetitions", "warmup", "timeout_s"):
             out.pop(name)
+        if not self.compile:
+            out.pop("compile")
         out["method_kwargs"] = dict(sorted(self.method_kwargs.items()))
         return out
 
@@ -118,8 +124,9 @@ class Cell:
         """`embedded cpu b1 · 25+48 tok prefixkv@0.3`: the prompt the cell feeds, as the report names it."""
         from bench import labels
 
-        return labels.cell(self.model, self.device, self.batch_size, self.text_tokens, self.new_tokens, self.method,
+        text = labels.cell(self.model, self.device, self.batch_size, self.text_tokens, self.new_tokens, self.method,
                            self.budget, self.method_kwargs)
+        return text + " compiled" if self.compile else text
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "method_kwargs": dict(self.method_kwargs)}, sort_keys=True)
@@ -148,6 +155,7 @@ class Matrix:
     timeout_s: float = 900.0
     cpu_threads: int = 0
     decode_policies: tuple[str, ...] = ("grow",)
+    compile: tuple[bool, ...] = (False,)
     #: Explicit (batch, text, new) shapes; when set they replace the product of the three lists.
     workloads: tuple[tuple[int, int, int], ...] | None = None
     method_kwargs: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
@@ -167,15 +175,15 @@ class Matrix:
             for method in self.methods:
                 budgets = (1.0,) if method == "full" else self.budgets
                 policies = ("grow",) if method == "full" else self.decode_policies
-                for policy, budget in itertools.product(policies, budgets):
+                for policy, budget, compiled in itertools.product(policies, budgets, self.compile):
                     kwargs = dict(self.method_kwargs.get(method, {}))
                     if policy != "grow":
                         kwargs.setdefault("decode", policy)
                     cell = Cell(
                         model=model, device=device, dtype=self.dtype, batch_size=batch, text_tokens=text,
                         new_tokens=new, method=method, budget=budget, method_kwargs=kwargs, seed=self.seed,
-                        cpu_threads=self.cpu_threads, repetitions=self.repetitions, warmup=self.warmup,
-                        timeout_s=self.timeout_s,
+                        cpu_threads=self.cpu_threads, compile=compiled, repetitions=self.repetitions,
+                        warmup=self.warmup, timeout_s=self.timeout_s,
                     )
                     out.setdefault(cell.key, cell)
         return list(out.values())
@@ -335,6 +343,10 @@ def _typed(source: str, name: str, value: object) -> object:
 
 
 def _scalar(source: str, name: str, value: object, kind: type) -> object:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise MatrixError(f"{source}: `{name}` must hold true/false values, got {value!r}")
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, kind) and not isinstance(value, bool):

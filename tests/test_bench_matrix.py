@@ -257,3 +257,18 @@ def test_override_errors_always_name_the_flag(name, value):
         matrix.parse(raw, source="file.toml", overrides={name: value})
     except matrix.MatrixError as err:
         assert str(err).startswith(matrix.flag(name) + ": "), err
+
+
+def test_compile_axis():
+    from bench.matrix import MatrixError, parse
+
+    base = {"matrix": {"models": ["tiny-llama"], "methods": ["full", "uniform"], "budgets": [0.5]}}
+    eager = parse(base).cells()
+    both = parse({"matrix": {**base["matrix"], "compile": [False, True]}}).cells()
+    assert len(both) == 2 * len(eager)
+    # Eager cells keep the keys they had before the axis existed; compiled ones get their own.
+    assert {c.key for c in both if not c.compile} == {c.key for c in eager}
+    assert all("compile" not in c.identity() for c in eager)
+    assert all(c.label.endswith(" compiled") for c in both if c.compile)
+    with pytest.raises(MatrixError, match="true/false"):
+        parse({"matrix": {**base["matrix"], "compile": ["yes"]}})

@@ -198,3 +198,22 @@ def test_cuda_graph_step_matches_eager_with_few_launches(policy):
         prefixkv.generate(model, inputs, max_new_tokens=8, timer=counters, compile=compile_step, **kwargs)
         counted[compile_step] = counters.per_step()["kernel_launches"]
     assert counted[True] <= 8 < counted[False], counted
+
+
+def test_compiled_cell_records_its_counters():
+    """A cell measured with `compile = true`: every counter column filled, no graph break, no recompile."""
+    from bench.cell import measure
+    from bench.matrix import Cell
+
+    torch._dynamo.reset()
+    cell = Cell(model="tiny-llama", device="cpu", dtype="float32", batch_size=1, text_tokens=24, new_tokens=4,
+                method="snapkv", budget=0.5, method_kwargs={"decode": "fixed_position"}, compile=True,
+                repetitions=2, warmup=1, cpu_threads=1)
+    rows = measure(cell)
+    row = rows[0]
+    assert row["compiled"] is True
+    assert row["compile_graph_breaks"] == 0 and row["compile_recompiles"] == 0
+    assert row["decode_host_syncs_per_step"] == 0 and row["decode_aten_ops_per_step"] > 0
+    assert row["decode_alloc_bytes_per_step"] > 0
+    assert row["decode_kernel_launches_per_step"] is None and row["decode_floor_ratio"] is None  # CUDA only
+    assert len(row["decode_steps_s"]) == 3
