@@ -327,8 +327,13 @@ def attention_scores(
     window: int | None = None,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention mass per key, `out[b, h, j] = sum_i softmax_j(q[b, h, i] . k[b, h // g, j] * scale)`, in float32.
+
+    `lse`, if given, is each query row's natural log-sum-exp `log sum_j exp(q_i . k_j * scale)` over its visible keys,
+    (batch, q_heads, s_q) float32 for all s_q rows (before `window`) - what flash attention returns beside its output.
+    The first pass is then skipped: scoring is one pass over the keys instead of two.
 
     q: (batch, q_heads, s_q, d); k: (batch, kv_heads, s_k, d), q_heads = g * kv_heads; same dtype (fp16, bf16,
     fp32) and device; any strides. The s_q queries sit at the last s_q key positions; `window` keeps the last
@@ -342,6 +347,7 @@ def attention_scores(
     window, scale = _plain(window, int), _plain(scale, float)
     if out is not None:
         check_tensor("out", out)
+    _check_lse(lse, q)
     if q.dtype not in _DTYPES or k.dtype != q.dtype:
         raise ValueError(f"q and k must share a dtype among {_DTYPES}; got {q.dtype} and {k.dtype}")
     if q.device != k.device:
@@ -359,11 +365,12 @@ def attention_scores(
         )
 
     if not kernels_available(q.device):
-        result = attention_scores_ref(q, k, causal=causal, window=window, scale=scale)
+        result = attention_scores_ref(q, k, causal=causal, window=window, scale=scale, lse=lse)
         return result if out is None else out.copy_(result)
 
     if window is not None:
         q = q[:, :, -window:]
+        lse = None if lse is None else lse[:, :, -window:]
     s_q = q.shape[2]
     if out is None:
         out = torch.empty(batch, q_heads, s_k, dtype=torch.float32, device=q.device)
@@ -372,7 +379,11 @@ def attention_scores(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     # The kernels work in base 2 (exp2 is the native instruction): fold log2(e) into the scale.
     qk_scale = scale * 1.4426950408889634
-    lse = torch.empty(batch, q_heads, s_q, dtype=torch.float32, device=q.device)
+    given = lse is not None
+    # The kernels' log-sum-exp is in base 2, one contiguous row per (batch, head).
+    lse = (lse * 1.4426950408889634).contiguous() if given else torch.empty(
+        batch, q_heads, s_q, dtype=torch.float32, device=q.device
+    )
     common = dict(
         q_heads=q_heads,
         s_q=s_q,
@@ -389,7 +400,8 @@ def attention_scores(
     # Triton launches on the current CUDA device, which need not be q's.
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         grid = lambda META: (triton.cdiv(s_q, META["BLOCK_M"]), batch * q_heads)
-        _attention_lse_kernel[grid](q, k, lse, *q.stride(), *k.stride(), **common)
+        if not given:
+            _attention_lse_kernel[grid](q, k, lse, *q.stride(), *k.stride(), **common)
         grid = lambda META: (triton.cdiv(s_k, META["BLOCK_N"]), batch * q_heads)
         _attention_scores_kernel[grid](q, k, lse, out, *q.stride(), *k.stride(), *out.stride(), **common)
     return out
@@ -425,6 +437,18 @@ def _plain(value, kind):
     return None if value is None else kind(value)
 
 
+def _check_lse(lse: torch.Tensor | None, q: torch.Tensor) -> None:
+    if lse is None:
+        return
+    check_tensor("lse", lse)
+    shape = tuple(q.shape[:3])
+    if tuple(lse.shape) != shape or lse.dtype != torch.float32 or lse.device != q.device:
+        raise ValueError(
+            f"lse must be float32 {shape} (one per query row of q) on {q.device}; "
+            f"got {lse.dtype} {tuple(lse.shape)} on {lse.device}"
+        )
+
+
 def _check_qk(q: torch.Tensor, k: torch.Tensor, window: int | None) -> None:
     check_tensor("q", q)
     check_tensor("k", k)
@@ -452,22 +476,26 @@ def attention_scores_ref(
     window: int | None = None,
     scale: float | None = None,
     chunk_size: int = 256,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention mass per key, `out[b, h, j] = sum_i softmax_j(q[b, h, i] . k[b, h // g, j] * scale)`, in float32.
 
     q: (batch, q_heads, s_q, d); k: (batch, kv_heads, s_k, d) with q_heads = g * kv_heads (GQA when g > 1).
     The s_q queries sit at the last s_q key positions; with `causal`, query i sees keys j <= s_k - s_q + i.
     `window` keeps only the last `window` queries (SnapKV's observation window).
+    `lse` as in `attention_scores`: each row's normaliser is taken from it instead of being computed.
     Returns (batch, q_heads, s_k) float32. Memory is O(chunk_size x s_k) per head: the s_q x s_k matrix is never
     materialised whole.
     """
     _check_qk(q, k, window)
+    _check_lse(lse, q)
     _check_options(causal, window, scale)
     window, scale = _plain(window, int), _plain(scale, float)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {_short(chunk_size)}")
     if window is not None:
         q = q[:, :, -window:]
+        lse = None if lse is None else lse[:, :, -window:]
     batch, q_heads, s_q, d = q.shape
     kv_heads, s_k = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -484,5 +512,9 @@ def attention_scores_ref(
         if causal:
             query_pos = torch.arange(start, start + rows.shape[3], device=q.device) + (s_k - s_q)
             logits.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
-        out += torch.softmax(logits, dim=-1).sum(dim=3)
+        if lse is None:
+            out += torch.softmax(logits, dim=-1).sum(dim=3)
+        else:
+            norm = lse.reshape(batch, kv_heads, group, s_q)[:, :, :, start : start + rows.shape[3]]
+            out += torch.exp(logits - norm[..., None]).sum(dim=3)
     return out.view(batch, q_heads, s_k)

@@ -190,3 +190,56 @@ def test_fp32_tunes_only_small_blocks():
         assert 0 < len(fp32) < len(configs)
         assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in fp32)
         assert _prune_fp32(configs, {"q_ptr": torch.empty(1, dtype=torch.float16)}) == configs
+
+
+def _lse(q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Each query row's natural log-sum-exp over its visible keys, in float64 (what flash attention returns)."""
+    s_q, s_k = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    logits = q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        visible = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
+        logits = logits.masked_fill(~visible, float("-inf"))
+    return logits.logsumexp(-1).float()
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[3], CPU_CASES[4]], ids=str)
+def test_given_lse_skips_the_first_pass(case, dtype, monkeypatch):
+    """With the attention's log-sum-exp given, one pass gives the two-pass result (kernel and reference)."""
+    batch, q_heads, _, s_q, s_k, head_dim, causal, window = case
+    q, k = _inputs(case, dtype)
+    lse = _lse(q, k, causal)
+    want = attention_scores_ref(q, k, causal=causal, window=window)
+    rtol = _tolerance(head_dim)
+    ref = attention_scores_ref(q, k, causal=causal, window=window, lse=lse)
+    torch.testing.assert_close(ref, want, rtol=rtol, atol=rtol / 100)
+    launched = []
+    original = scores_module._attention_lse_kernel
+    monkeypatch.setattr(scores_module, "_attention_lse_kernel", _Recorder(original, launched))
+    out = torch.full((batch, q_heads, s_k), float("nan"), device=DEVICE)
+    got = attention_scores(q, k, causal=causal, window=window, out=out, lse=lse)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol / 100)
+    assert launched == [], "the log-sum-exp pass ran although lse was given"
+    attention_scores(q, k, causal=causal, window=window)
+    assert len(launched) == 1, "without lse the first pass runs (and the recorder sees it)"
+
+
+class _Recorder:
+    """Stands in for a kernel: records launches, then runs it."""
+
+    def __init__(self, kernel, launched):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("fn", [attention_scores, attention_scores_ref])
+def test_bad_lse_is_named(fn):
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="lse must be float32 \\(1, 2, 8\\)"):
+        fn(q, k, lse=torch.zeros(1, 2, 7))
+    with pytest.raises(TypeError, match="lse must be a torch.Tensor"):
+        fn(q, k, lse=[0.0] * 8)
