@@ -47,20 +47,49 @@ def attention(
     if layer.compressed:
         out = decode_attention(query, key, value, layer.valid(cache.step), scaling, layer)
     else:
-        out = prefill_attention(query, key, value, scaling)
+        out, lse = prefill_attention(query, key, value, scaling, with_lse=cache.method.needs_scores)
         # Scaled so that the scorers' default 1/sqrt(head_dim) reproduces the module's own scaling.
-        cache.layer_prefilled(module.layer_idx, query * (scaling * math.sqrt(head_dim)), key)
+        cache.layer_prefilled(module.layer_idx, query * (scaling * math.sqrt(head_dim)), key, lse)
     return out.transpose(1, 2).contiguous(), None
 
 
-def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Causal attention of the last s of n positions (a chunk sees every earlier key). Returns (batch, q_heads, s,
-    head_dim)."""
+def prefill_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, *, with_lse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal attention of the last s of n positions (a chunk sees every earlier key): (output (batch, q_heads, s,
+    head_dim), log-sum-exp (batch, q_heads, s) float32 or None).
+
+    With `with_lse`, the flash kernel's own log-sum-exp is returned where the backend exposes it (the CPU flash
+    kernel; CUDA's flash kernel for fp16/bf16), so that scoring needs one pass over the keys instead of two; the
+    output is the one SDPA computes with that kernel."""
     s, n = query.shape[2], key.shape[2]
-    if s == n:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-    mask = torch.ones(s, n, dtype=torch.bool, device=query.device).tril(n - s)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    if s != n:
+        mask = torch.ones(s, n, dtype=torch.bool, device=query.device).tril(n - s)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+        return out, None
+    if with_lse:
+        flash = _flash_with_lse(query, key, value, scaling)
+        if flash is not None:
+            return flash
+    return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True), None
+
+
+def _flash_with_lse(query, key, value, scaling) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Causal flash attention and its natural log-sum-exp, or None where no flash kernel takes these inputs."""
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, True, scale=scaling
+        )
+        return out, lse
+    if query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256:
+        group = query.shape[1] // key.shape[1]
+        if group > 1:  # the raw flash op takes equal head counts
+            key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, 0.0, True, False, scale=scaling
+        )[:2]
+        return out, lse[:, :, : query.shape[2]]
+    return None
 
 
 def decode_attention(

@@ -354,14 +354,20 @@ class PrefixKVCache(Cache):
 
     # --- compression ------------------------------------------------------------------------------------------
 
-    def layer_prefilled(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor) -> None:
+    def layer_prefilled(
+        self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor | None = None
+    ) -> None:
         """Called by the attention function after a layer's prefill attention: score the layer (queries
-        (batch, q_heads, s, head_dim), after RoPE, scaled for 1/sqrt(head_dim); keys (batch, kv_heads, n, head_dim))
-        and, where the sizes are known, compress it at once."""
+        (batch, q_heads, s, head_dim), after RoPE, scaled for 1/sqrt(head_dim); keys (batch, kv_heads, n, head_dim);
+        `lse` the attention's log-sum-exp per query row, when its backend gave one) and, where the sizes are known,
+        compress it at once."""
         if self.method.needs_scores:
             window = self.method.query_window
+            if window is not None:
+                queries = queries[:, :, -window:]
+                lse = None if lse is None else lse[:, :, -window:]
             with self.timer.region("score"):
-                scores = self.method.score(queries if window is None else queries[:, :, -window:], keys, layer_idx)
+                scores = self.method.score(queries, keys, layer_idx, lse=lse)
             # With a chunked prefill the last chunk's scores win: its queries are the prompt's last ones.
             self.scores[layer_idx] = scores
         if not self.compress_in_prefill:

@@ -12,11 +12,15 @@ import torch
 from kernels.scores import attention_scores
 
 
-def attention_mass(queries: torch.Tensor, keys: torch.Tensor, *, window: int | None = None) -> torch.Tensor:
+def attention_mass(
+    queries: torch.Tensor, keys: torch.Tensor, *, window: int | None = None, lse: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention mass per key, summed over the query heads of each KV group.
 
     queries: (batch, q_heads, s_q, head_dim), after rotary embedding, aligned with the last s_q keys;
-    keys: (batch, kv_heads, n, head_dim). `window` scores with only the last `window` queries.
+    keys: (batch, kv_heads, n, head_dim). `window` scores with only the last `window` queries. `lse`: each query
+    row's natural log-sum-exp over its visible keys ((batch, q_heads, s_q) float32, as flash attention returns it),
+    which saves the scorer its own first pass.
     Returns (batch, kv_heads, n) float32: `sum_{h in group, i} softmax_j(q_{h,i} . k_j / sqrt(d))`, causal.
     """
     batch, q_heads = queries.shape[:2]
@@ -24,7 +28,7 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, *, window: int | N
     if window is not None:
         window = min(window, queries.shape[2])
     # The fused Triton kernel on CUDA; it falls back to the chunked torch reference elsewhere.
-    per_query_head = attention_scores(queries, keys, causal=True, window=window)  # (batch, q_heads, n)
+    per_query_head = attention_scores(queries, keys, causal=True, window=window, lse=lse)  # (batch, q_heads, n)
     return per_query_head.view(batch, kv_heads, q_heads // kv_heads, n).sum(2)
 
 
@@ -35,12 +39,17 @@ def normalise(scores: torch.Tensor) -> torch.Tensor:
 
 
 def key_importance(
-    queries: torch.Tensor, keys: torch.Tensor, *, window: int | None = None, per_kv_head: bool = False
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    window: int | None = None,
+    per_kv_head: bool = False,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PrefixKV's per-layer importance: attention mass averaged over heads and normalised to sum 1, in float32.
 
     Shapes as in `attention_mass`. Returns (batch, n), or (batch, kv_heads, n) with `per_kv_head` (each KV head
     averaged over its query group and normalised on its own).
     """
-    mass = attention_mass(queries, keys, window=window)
+    mass = attention_mass(queries, keys, window=window, lse=lse)
     return normalise(mass if per_kv_head else mass.sum(1))

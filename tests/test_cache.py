@@ -298,3 +298,18 @@ def test_prefill_holds_one_full_layer_at_a_time(method, kwargs):
         prefill(model, text_inputs(batch=1, seq=40), cache)
     assert watch.full_layers == [1] * 6
     assert cache.compressed
+
+
+@pytest.mark.parametrize("method", ["uniform", "h2o", "snapkv"])
+def test_scores_from_the_attention_log_sum_exp_equal_two_pass_scores(llama, method, monkeypatch):
+    """Scoring inside attention reuses the flash kernel's log-sum-exp: the scores equal a scorer's own two passes."""
+    from prefixkv import attention
+
+    inputs = text_inputs(batch=2, seq=40, seed=7)
+    one_pass = prefixkv.prefill_scores(llama, inputs, method)
+    calls = []
+    monkeypatch.setattr(attention, "_flash_with_lse", lambda *args: calls.append(1))
+    two_pass = prefixkv.prefill_scores(llama, inputs, method)
+    assert len(calls) == 3, "every layer asked for the log-sum-exp"
+    for a, b in zip(one_pass, two_pass, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

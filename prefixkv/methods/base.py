@@ -57,13 +57,17 @@ class Method:
 
     # --- the three overridable steps -------------------------------------------------------------------------
 
-    def score(self, queries: torch.Tensor, keys: torch.Tensor, layer_idx: int) -> torch.Tensor:
+    def score(
+        self, queries: torch.Tensor, keys: torch.Tensor, layer_idx: int, lse: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Importance of each prompt entry of one layer.
 
         queries: (batch, q_heads, s_q, head_dim) after RoPE (the prompt's last s_q queries);
-        keys: (batch, kv_heads, n, head_dim). Returns (batch, kv_heads, n) float32, larger = more important.
+        keys: (batch, kv_heads, n, head_dim); lse: None, or each query row's log-sum-exp from the layer's own
+        attention ((batch, q_heads, s_q) float32), which spares the scorer a pass. Returns (batch, kv_heads, n)
+        float32, larger = more important.
         """
-        scores = key_importance(queries, keys, per_kv_head=self.per_kv_head)
+        scores = key_importance(queries, keys, per_kv_head=self.per_kv_head, lse=lse)
         return scores if self.per_kv_head else scores[:, None].expand(-1, keys.shape[1], -1)
 
     def allocate(self, scores: Sequence[torch.Tensor], budget: float) -> list[int]:

@@ -40,8 +40,10 @@ class SnapKV(Method):
     def query_window(self) -> int | None:
         return self.window
 
-    def score(self, queries: torch.Tensor, keys: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        mass = attention_mass(queries, keys, window=self.window)
+    def score(
+        self, queries: torch.Tensor, keys: torch.Tensor, layer_idx: int, lse: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        mass = attention_mass(queries, keys, window=self.window, lse=lse)
         batch, heads, n = mass.shape
         pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
         pad = self.kernel_size // 2
