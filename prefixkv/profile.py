@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefixkv.allocation import _fit_total, target_total
+from prefixkv.allocation import _fit_total, layer_floor, target_total
 from prefixkv.budget import check_budget
 
 
@@ -59,12 +59,17 @@ class Profile:
         w = (budget - lo) / (hi - lo)
         return [(1 - w) * a + w * b for a, b in zip(self.budgets[lo], self.budgets[hi], strict=True)]
 
-    def counts(self, budget: float, n: int, *, layers: int, min_keep: int = 1) -> list[int]:
-        """Kept entries per layer for a prompt of `n` tokens: the ratios' shape, fitted to the budget's total."""
+    def counts(
+        self, budget: float, n: int, *, layers: int, min_keep: int = 1, protected: int = 0, share: float = 0.0
+    ) -> list[int]:
+        """Kept entries per layer for a prompt of `n` tokens: the ratios' shape, fitted to the budget's total, every
+        layer at least `layer_floor(..., protected, share)`."""
         if layers != self.num_layers:
             raise ValueError(f"profile for {self.model!r} has {self.num_layers} layers, the model has {layers}")
         weights = [max(r, 1e-9) for r in self.ratios(budget)]
-        return _fit_total(weights, target_total(budget, n, layers, min_keep), min(min_keep, n), n)
+        target = target_total(budget, n, layers, min_keep)
+        floor = layer_floor(target, layers, n, min_keep=min_keep, protected=protected, share=share)
+        return _fit_total(weights, target, floor, n)
 
     def to_json(self) -> dict:
         return {

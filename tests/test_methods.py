@@ -58,7 +58,7 @@ def test_snapkv_keeps_window():
 def test_recent_protects_the_end_of_the_prompt():
     scores = torch.zeros(1, 1, 30)
     scores[0, 0, :5] = 1.0  # causal accumulation favours early positions
-    assert build_method("uniform").select(scores, 5)[0, 0].tolist() == [0, 1, 2, 3, 4]
+    assert build_method("uniform", sinks=0, recent=0).select(scores, 5)[0, 0].tolist() == [0, 1, 2, 3, 4]
     assert build_method("prefixkv", recent=3).select(scores, 5)[0, 0].tolist() == [0, 1, 27, 28, 29]
 
 
