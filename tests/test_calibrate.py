@@ -53,7 +53,8 @@ def test_profile_is_used_without_search(llama, profile, tmp_path, monkeypatch):
     out = prefixkv.generate(llama, text_inputs(seq=48), method="prefixkv", budget=0.2, max_new_tokens=3, profile=path)
     kept = out.cache_stats.kept
     assert sum(kept) == round(0.2 * 48 * 4)
-    expected = profile.counts(0.2, 48, layers=4)
+    method = prefixkv.build_method("prefixkv")
+    expected = profile.counts(0.2, 48, layers=4, protected=method.protected, share=method.layer_floor)
     assert kept == expected
 
 

@@ -24,7 +24,7 @@ class PrefixKV(Uniform):
     layer's priority sequence and the search runs on the importance of the others, renormalised: a sink holding
     half of a layer's attention would otherwise reach p alone and cut that layer to one entry. `layer_floor`
     guarantees every layer that fraction of the average layer size (and at least its protected entries); the
-    adaptive search shares what remains.
+    adaptive search shares what remains. Its default, 0.2, is Ada-KV's safeguard (arXiv 2407.11550).
 
     `profile` (a path to a calibration JSON, or a `Profile`) gives offline per-layer keep ratios: with it no search
     runs at inference. Without it the search runs online on the current prompt. Scores and selection as in
@@ -33,7 +33,7 @@ class PrefixKV(Uniform):
 
     name = "prefixkv"
 
-    layer_floor: float = 0.0
+    layer_floor: float = 0.2
     profile: str | Path | Profile | None = None
 
     def __post_init__(self) -> None:
