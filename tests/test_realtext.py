@@ -278,3 +278,12 @@ def test_evaluate_command_bad_input(argv, message, capsys):
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_realtext_matrix_parses():
+    from pathlib import Path
+
+    from bench import matrix
+
+    parsed = matrix.load(Path(__file__).parent.parent / "bench" / "matrices" / "realtext.toml")
+    assert parsed.models == ("smollm2-135m",) and len(parsed.cells()) == 5
