@@ -257,6 +257,8 @@ def test_evaluate_rows_and_resume(tiny, tmp_path, monkeypatch):
     assert [r["nll"] for r in again] == [r["nll"] for r in rows]
     text = evaluate.table(again)
     assert text.count("\n") == 4 and "| prefixkv | 0.5 |" in text
+    stored = evaluate.run(None, None, [], [0.5], SMALL, out=out, model_name="tiny")
+    assert [r["method"] for r in stored] == ["full", "prefixkv", "streaming_llm"]
 
 
 def test_evaluate_command(converted, tmp_path, capsys):
@@ -287,3 +289,15 @@ def test_realtext_matrix_parses():
 
     parsed = matrix.load(Path(__file__).parent.parent / "bench" / "matrices" / "realtext.toml")
     assert parsed.models == ("smollm2-135m",) and len(parsed.cells()) == 5
+
+
+def test_shipped_profile_is_valid():
+    from bench.realtext.calibrate import profile_path
+    from prefixkv import Profile, build_method
+
+    profile = Profile.load(profile_path("smollm2-135m"))
+    assert profile.num_layers == 30 and sorted(profile.budgets) == [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+    method = build_method("prefixkv", profile=profile)
+    assert {k: getattr(method, k) for k in profile.meta["method"]} == profile.meta["method"]
+    counts = profile.counts(0.2, 512, layers=30, protected=method.protected, share=method.layer_floor)
+    assert sum(counts) == round(0.2 * 512 * 30) and min(counts) >= round(0.2 * 0.2 * 512)

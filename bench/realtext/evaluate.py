@@ -177,7 +177,8 @@ def run(
     model_name: str = "",
     progress: Callable[[str], None] = lambda s: None,
 ) -> list[dict]:
-    """Evaluate the full cache and every variant x budget; rows already in `out` (same settings) are reused."""
+    """Evaluate the full cache and every variant x budget; rows already in `out` (same settings) are reused.
+    With `model=None` nothing is evaluated: the stored rows (full cache first) are returned as they are."""
     budgets = [prefixkv.check_budget(b) for b in budgets]
     ident = {"model": model_name, **settings.__dict__, "depths": list(settings.depths)}
     done: dict[tuple[str, float], dict] = {}
@@ -186,9 +187,15 @@ def run(
             row = json.loads(line)
             if row.get("settings") == ident:
                 done[(row["method"], row["budget"])] = row
-    tasks = Tasks(model, tokenizer, settings, progress)
     todo = [("full", 1.0, Variant("full", "full"))] + [(v.label, b, v) for v in variants if v.method != "full"
                                                        for b in budgets]
+    if model is None:
+        if ("full", 1.0) not in done:
+            raise ValueError(f"{out} holds no full-cache row for these settings")
+        order = {key: i for i, key in enumerate((label, b) for label, b, _ in todo)}
+        todo = [("full", 1.0, None)] + [(label, b, None) for label, b in sorted(
+            (k for k in done if k != ("full", 1.0)), key=lambda k: (order.get(k, len(order)), k[1], k[0]))]
+    tasks = Tasks(model, tokenizer, settings, progress) if model is not None else None
     rows = []
     for i, (label, budget, variant) in enumerate(todo):
         if (label, budget) in done:
@@ -255,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, help="JSON-lines results file (appended; resumes)")
     parser.add_argument("--table", type=Path, help="write the markdown table here too")
+    parser.add_argument("--stored", action="store_true", help="evaluate nothing: tabulate every row in --out")
     args = parser.parse_args(argv)
+    if args.stored and not args.out:
+        print("error: --stored needs --out", file=sys.stderr)
+        return 2
     try:
         variants = parse_methods(args.methods)
         budgets = [float(b) for b in args.budgets.split(",")]
@@ -272,9 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = _load(args.model, args.device, args.dtype)
+    model, tokenizer = (None, None) if args.stored else _load(args.model, args.device, args.dtype)
     say = lambda s: print(s, file=sys.stderr, flush=True)
-    rows = run(model, tokenizer, variants, budgets, settings, out=args.out, model_name=args.model, progress=say)
+    try:
+        rows = run(model, tokenizer, variants, budgets, settings, out=args.out, model_name=args.model, progress=say)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     text = table(rows)
     print(text)
     if args.table:
