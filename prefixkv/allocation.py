@@ -1,11 +1,14 @@
 """Per-layer cache sizes: how many of a layer's n prompt entries it keeps under a global budget.
 
-Every allocator has the signature `(scores, budget, *, min_keep=1) -> list[int]`, where `scores` is a sequence of
-L per-layer 1-D non-negative tensors of equal length n, so that allocation is a swappable part of a method.
+Every allocator has the signature `(scores, budget, *, min_keep=1, ...) -> list[int]`, where `scores` is a sequence
+of L per-layer 1-D non-negative tensors of equal length n, so that allocation is a swappable part of a method. The
+extra keywords describe protected entries (attention sinks, a recent window) that every layer holds before the
+allocator shares the rest: `layer_floor` turns them into a per-layer minimum that still meets the budget exactly.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,8 +28,8 @@ def _check_scores(scores: Sequence[torch.Tensor], min_keep: int) -> tuple[int, i
     n = lengths[0]
     if n == 0:
         raise ValueError("scores have length 0: nothing to allocate")
-    if min_keep < 1:
-        raise ValueError(f"min_keep must be >= 1, got {min_keep}")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 1:
+        raise ValueError(f"min_keep must be an integer >= 1, got {min_keep!r}")
     for i, s in enumerate(scores):
         if not torch.isfinite(s).all() or (s < 0).any():
             raise ValueError(f"scores[{i}] must be finite and non-negative")
@@ -39,8 +42,30 @@ def target_total(budget: float, n: int, layers: int, min_keep: int = 1) -> int:
     return max(layers * min(min_keep, n), min(layers * n, round(budget * n * layers)))
 
 
-def prefix_allocation(scores: Sequence[torch.Tensor], budget: float, *, min_keep: int = 1) -> list[int]:
-    """PrefixKV's adaptive sizes (arXiv 2412.03409, Sec. 3.2).
+def layer_floor(target: int, layers: int, n: int, *, min_keep: int = 1, protected: int = 0, share: float = 0.0) -> int:
+    """Entries every layer keeps at least, the same for all layers.
+
+    `min_keep` is hard (the total is raised to honour it); beyond it the floor rises to the `protected` entries
+    (sinks, recent window) and to `share` of the average layer size, as far as the total `target` allows - so the
+    budget is always met exactly, and no layer is starved while another holds many entries.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"floor share must be in [0, 1], got {share!r}")
+    if protected < 0:
+        raise ValueError(f"protected must be >= 0, got {protected!r}")
+    want = max(protected, math.ceil(share * target / layers - 1e-9))
+    return max(min(min_keep, n), min(want, n, target // layers))
+
+
+def prefix_allocation(
+    scores: Sequence[torch.Tensor],
+    budget: float,
+    *,
+    min_keep: int = 1,
+    protect: torch.Tensor | None = None,
+    floor_share: float = 0.0,
+) -> list[int]:
+    """PrefixKV's adaptive sizes (arXiv 2412.03409, Sec. 3.2), on what the protections leave.
 
     Each layer's normalised scores are sorted into a priority sequence; for a global retention ratio p, layer l
     keeps the shortest prefix whose cumulative importance reaches p, i.e. every entry whose *preceding* cumulative
@@ -48,18 +73,35 @@ def prefix_allocation(scores: Sequence[torch.Tensor], budget: float, *, min_keep
     count is a step function of p, we solve that search exactly: the preceding masses of all layers are sorted
     together and the `target` smallest are kept, which is the prefix set of the smallest p whose total reaches the
     target (ties, e.g. entries after a layer's mass is exhausted, go to the larger score). The total then equals
-    `round(budget * n * L)` exactly, every layer keeps at least `min_keep`, and a larger budget keeps a superset.
+    `round(budget * n * L)` exactly, every layer keeps at least its floor, and a larger budget keeps a superset.
+
+    `protect` ((n,) bool, the same positions in every layer: attention sinks, the recent window) heads every
+    layer's priority sequence, and the importance is renormalised over the *other* entries: otherwise a sink
+    holding half of a layer's attention reaches p on its own and starves that layer. Every layer keeps at least
+    `layer_floor(..., protected=protect.sum(), share=floor_share)` entries; the adaptive search shares the rest.
     """
     layers, n = _check_scores(scores, min_keep)
     target = target_total(budget, n, layers, min_keep)
-    floor = min(min_keep, n)
+    if protect is None:
+        protect = torch.zeros(n, dtype=torch.bool)
+    protect = protect.detach().cpu().bool()
+    if protect.shape != (n,):
+        raise ValueError(f"protect must be a ({n},) bool mask, got shape {tuple(protect.shape)}")
+    n_protected = int(protect.sum())
+    floor = layer_floor(target, layers, n, min_keep=min_keep, protected=n_protected, share=floor_share)
 
     stacked = torch.stack([s.detach().double().cpu() for s in scores])  # (L, n)
+    stacked = stacked.masked_fill(protect, 0.0)
     totals = stacked.sum(-1, keepdim=True)
-    # A layer with no mass at all gets a flat distribution: it has no preference to express.
-    normed = torch.where(totals > 0, stacked / totals.clamp_min(1e-300), torch.full_like(stacked, 1.0 / n))
-    priority, _ = normed.sort(dim=-1, descending=True)
-    preceding = priority.cumsum(-1) - priority  # mass before each entry of the priority sequence
+    free = n - n_protected
+    # A layer with no mass left gets a flat distribution over its free entries: it has no preference to express.
+    flat = torch.where(protect, 0.0, 1.0 / max(free, 1)).double().expand_as(stacked)
+    normed = torch.where(totals > 0, stacked / totals.clamp_min(1e-300), flat)
+    # Protected entries first (score +inf, preceding mass 0), then the others by descending importance.
+    key = normed.masked_fill(protect, math.inf)
+    priority, _ = key.sort(dim=-1, descending=True)
+    mass = priority.masked_fill(torch.isinf(priority), 0.0)
+    preceding = mass.cumsum(-1) - mass  # mass before each entry of the priority sequence
 
     # The first `floor` entries of every layer are kept regardless; the rest compete on their preceding mass.
     rest = preceding[:, floor:].reshape(-1)
@@ -75,19 +117,23 @@ def prefix_allocation(scores: Sequence[torch.Tensor], budget: float, *, min_keep
     return counts.tolist()
 
 
-def uniform_allocation(scores: Sequence[torch.Tensor], budget: float, *, min_keep: int = 1) -> list[int]:
+def uniform_allocation(
+    scores: Sequence[torch.Tensor], budget: float, *, min_keep: int = 1, protected: int = 0
+) -> list[int]:
     """Every layer keeps the same number of entries (the total is split as evenly as integers allow)."""
     layers, n = _check_scores(scores, min_keep)
-    return _fit_total([1.0] * layers, target_total(budget, n, layers, min_keep), min(min_keep, n), n)
+    target = target_total(budget, n, layers, min_keep)
+    return _fit_total([1.0] * layers, target, layer_floor(target, layers, n, min_keep=min_keep, protected=protected), n)
 
 
 def pyramid_allocation(
-    scores: Sequence[torch.Tensor], budget: float, *, min_keep: int = 1, beta: float = 20.0
+    scores: Sequence[torch.Tensor], budget: float, *, min_keep: int = 1, beta: float = 20.0, protected: int = 0
 ) -> list[int]:
     """PyramidKV's sizes (arXiv 2406.02069): linearly decreasing from the first layer to the last.
 
     With average size a = budget * n, the last layer gets a / beta and the first 2a - a / beta; sizes are then fitted
-    to [min_keep, n] and to the exact total.
+    to [floor, n] and to the exact total, the floor covering the `protected` entries (PyramidKV's observation
+    window is kept in every layer) as far as the budget allows.
     """
     layers, n = _check_scores(scores, min_keep)
     if beta < 1:
@@ -96,7 +142,7 @@ def pyramid_allocation(
     avg = target / layers
     low, high = avg / beta, 2 * avg - avg / beta
     weights = [high] if layers == 1 else [high + (low - high) * i / (layers - 1) for i in range(layers)]
-    return _fit_total(weights, target, min(min_keep, n), n)
+    return _fit_total(weights, target, layer_floor(target, layers, n, min_keep=min_keep, protected=protected), n)
 
 
 def _fit_total(weights: Sequence[float], target: int, lo: int, hi: int) -> list[int]:

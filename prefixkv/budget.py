@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 
 def check_budget(budget: float) -> float:
-    """Return `budget` as a float, or raise ValueError naming it when it is not a number in (0, 1]."""
-    try:
-        value = float(budget)
-    except (TypeError, ValueError):
-        raise ValueError(f"budget must be a number in (0, 1], got {budget!r}") from None
+    """Return `budget` as a float, or raise ValueError naming it when it is not a real number in (0, 1].
+
+    Booleans and strings are refused even though `float()` would take them: `budget=True` is a mistake, not 1.0."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise ValueError(f"budget must be a number in (0, 1], got {budget!r} ({type(budget).__name__})")
+    value = float(budget)
     if math.isnan(value) or not 0.0 < value <= 1.0:
         raise ValueError(f"budget must be in (0, 1], got {budget!r}")
     return value

@@ -7,17 +7,21 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from prefixkv.allocation import prefix_allocation
 from prefixkv.budget import check_budget
 from prefixkv.generation import prefill_scores
-from prefixkv.methods.base import layer_profiles
+from prefixkv.methods.prefixkv import PrefixKV
 from prefixkv.profile import Profile
 
 
-def layer_ratios(profiles: Sequence[torch.Tensor], budget: float, min_keep: int = 1) -> list[float]:
-    """PrefixKV's keep ratio of each layer for one sample (per-layer 1-D importance distributions)."""
+def layer_ratios(
+    profiles: Sequence[torch.Tensor], budget: float, min_keep: int = 1, method: PrefixKV | None = None
+) -> list[float]:
+    """PrefixKV's keep ratio of each layer for one sample (per-layer 1-D importance distributions), with the
+    protections and floor of `method` (default: `PrefixKV()`)."""
+    method = method or PrefixKV(min_keep=min_keep)
     n = profiles[0].shape[-1]
-    return [k / n for k in prefix_allocation(profiles, budget, min_keep=min_keep)]
+    scores = [p[None, None] for p in profiles]  # (batch=1, kv_heads=1, n), as the cache hands them over
+    return [k / n for k in method.allocate(scores, budget)]
 
 
 @torch.inference_mode()
@@ -28,22 +32,28 @@ def calibrate(
     *,
     model_name: str | None = None,
     min_keep: int = 1,
+    **method_kwargs,
 ) -> Profile:
     """Estimate PrefixKV's per-layer keep ratios from `samples` (input dicts, as for `prefixkv.generate`).
 
-    Each sample is prefilled once; its per-layer importance (attention mass from all prompt queries, averaged over
-    heads and batch) gives, for each budget, the layer sizes of PrefixKV's search; the profile stores their mean
-    ratio per layer over the samples.
+    Each sample is prefilled once; its per-layer importance (scored as `PrefixKV(**method_kwargs)` scores: attention
+    mass from all prompt queries, averaged over heads and batch) gives, for each budget, the layer sizes of that
+    method's online search (its sink and recent protections and layer floor included); the profile stores their
+    mean ratio per layer over the samples, and the protections it was made with (use it with the same ones).
     """
     budgets = [check_budget(b) for b in budgets]
     if not budgets:
         raise ValueError("budgets is empty")
+    if "profile" in method_kwargs:
+        raise ValueError("calibrate makes a profile; do not pass one")
+    method = PrefixKV(min_keep=min_keep, **method_kwargs)
     sums: dict[float, list[float]] = {}
     count = 0
     for inputs in samples:
-        profiles = layer_profiles(prefill_scores(model, inputs, "uniform"))  # uniform's scores are PrefixKV's
+        scores = prefill_scores(model, inputs, method)
+        n = scores[0].shape[-1]
         for b in budgets:
-            ratios = layer_ratios(profiles, b, min_keep)
+            ratios = [k / n for k in method.allocate(scores, b)]
             sums[b] = [s + r for s, r in zip(sums.get(b, [0.0] * len(ratios)), ratios, strict=True)]
         count += 1
     if count == 0:
@@ -54,4 +64,9 @@ def calibrate(
         num_layers=len(next(iter(sums.values()))),
         budgets={b: [s / count for s in sums[b]] for b in budgets},
         samples=count,
+        meta={"method": {k: getattr(method, k) for k in PROFILE_FIELDS}},
     )
+
+
+#: The PrefixKV fields a profile depends on, recorded in it.
+PROFILE_FIELDS = ("min_keep", "sinks", "recent", "layer_floor", "visibility_norm", "per_kv_head")

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefixkv.allocation import _fit_total, target_total
+from prefixkv.allocation import _fit_total, layer_floor, target_total
 from prefixkv.budget import check_budget
 
 
@@ -59,12 +59,17 @@ class Profile:
         w = (budget - lo) / (hi - lo)
         return [(1 - w) * a + w * b for a, b in zip(self.budgets[lo], self.budgets[hi], strict=True)]
 
-    def counts(self, budget: float, n: int, *, layers: int, min_keep: int = 1) -> list[int]:
-        """Kept entries per layer for a prompt of `n` tokens: the ratios' shape, fitted to the budget's total."""
+    def counts(
+        self, budget: float, n: int, *, layers: int, min_keep: int = 1, protected: int = 0, share: float = 0.0
+    ) -> list[int]:
+        """Kept entries per layer for a prompt of `n` tokens: the ratios' shape, fitted to the budget's total, every
+        layer at least `layer_floor(..., protected, share)`."""
         if layers != self.num_layers:
             raise ValueError(f"profile for {self.model!r} has {self.num_layers} layers, the model has {layers}")
         weights = [max(r, 1e-9) for r in self.ratios(budget)]
-        return _fit_total(weights, target_total(budget, n, layers, min_keep), min(min_keep, n), n)
+        target = target_total(budget, n, layers, min_keep)
+        floor = layer_floor(target, layers, n, min_keep=min_keep, protected=protected, share=share)
+        return _fit_total(weights, target, floor, n)
 
     def to_json(self) -> dict:
         return {
@@ -87,17 +92,57 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
+        """Read a profile; any problem is one ValueError line naming the file and, where it applies, the field."""
+        path = Path(path)
         try:
-            data = json.loads(Path(path).read_text())
-            budgets = {float(b): [float(r) for r in ratios] for b, ratios in data.pop("budgets").items()}
-            return cls(
-                model=data.pop("model"),
-                num_layers=int(data.pop("num_layers")),
-                samples=int(data.pop("samples")),
-                budgets=budgets,
-                meta=data,
-            )
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ValueError(f"calibration profile not found: {path}") from None
-        except (KeyError, TypeError, json.JSONDecodeError, AttributeError) as err:
-            raise ValueError(f"malformed calibration profile {path}: {err!r}") from None
+        except IsADirectoryError:
+            raise ValueError(f"calibration profile {path} is a directory, not a JSON file") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"calibration profile {path} is not UTF-8 text (byte {err.start})") from None
+        except OSError as err:
+            raise ValueError(f"calibration profile {path} cannot be read: {err.strerror or err}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"calibration profile {path} is not valid JSON: {err.msg} at line {err.lineno}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"calibration profile {path} must hold a JSON object, got a {type(data).__name__}")
+        missing = [k for k in ("model", "num_layers", "samples", "budgets") if k not in data]
+        if missing:
+            raise ValueError(f"calibration profile {path} lacks the field(s) {', '.join(missing)}")
+        model = data.pop("model")
+        if not isinstance(model, str):
+            raise ValueError(f"calibration profile {path}: field 'model' must be a string, got {model!r}")
+        num_layers = _integer(path, "num_layers", data.pop("num_layers"), 1)
+        samples = _integer(path, "samples", data.pop("samples"), 1)
+        raw = data.pop("budgets")
+        if not isinstance(raw, dict):
+            raise ValueError(f"calibration profile {path}: field 'budgets' must be an object, got {raw!r:.60}")
+        budgets: dict[float, list[float]] = {}
+        for key, ratios in raw.items():
+            try:
+                budget = float(key)
+            except ValueError:
+                raise ValueError(f"calibration profile {path}: budgets key {key!r} is not a number") from None
+            if not isinstance(ratios, list) or not all(_is_number(r) for r in ratios):
+                raise ValueError(
+                    f"calibration profile {path}: budgets[{key!r}] must be a list of numbers, got {ratios!r:.60}"
+                )
+            budgets[budget] = [float(r) for r in ratios]
+        try:
+            return cls(model=model, num_layers=num_layers, samples=samples, budgets=budgets, meta=data)
+        except ValueError as err:
+            raise ValueError(f"calibration profile {path}: {err}") from None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _integer(path: Path, name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"calibration profile {path}: field {name!r} must be an integer >= {minimum}, got {value!r}")
+    return value

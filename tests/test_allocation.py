@@ -112,3 +112,72 @@ def test_unequal_lengths_rejected():
 def test_negative_scores_rejected():
     with pytest.raises(ValueError, match=r"scores\[1\]"):
         uniform_allocation([torch.rand(4), -torch.rand(4)], 0.5)
+
+
+# --- protections: sinks, recent window, per-layer floors ---------------------------------------------------------
+
+from prefixkv.allocation import layer_floor  # noqa: E402
+
+
+@st.composite
+def protected_case(draw):
+    scores = draw(layer_scores(max_n=80))
+    n = scores[0].numel()
+    sinks = draw(st.integers(0, 6))
+    recent = draw(st.integers(0, 10))
+    protect = torch.zeros(n, dtype=torch.bool)
+    protect[: min(sinks, n)] = True
+    if recent:
+        protect[max(0, n - recent) :] = True
+    return scores, protect
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=protected_case(), budget=budgets, min_keep=st.integers(1, 4), share=st.floats(0.0, 1.0))
+def test_prefix_with_protection_meets_budget_and_floor(case, budget, min_keep, share):
+    scores, protect = case
+    layers, n = len(scores), scores[0].numel()
+    counts = prefix_allocation(scores, budget, min_keep=min_keep, protect=protect, floor_share=share)
+    target = max(layers * min(min_keep, n), min(layers * n, round(budget * n * layers)))
+    floor = layer_floor(target, layers, n, min_keep=min_keep, protected=int(protect.sum()), share=share)
+    assert sum(counts) == target
+    assert all(floor <= k <= n for k in counts)
+    # The floor covers the protected entries whenever the budget can pay for them in every layer.
+    if target // layers >= int(protect.sum()):
+        assert floor >= int(protect.sum())
+    assert floor >= min(min_keep, n)
+
+
+@pytest.mark.parametrize("allocate", [uniform_allocation, pyramid_allocation], ids=["uniform", "pyramid"])
+@settings(max_examples=60, deadline=None)
+@given(scores=layer_scores(max_n=80), budget=budgets, protected=st.integers(0, 40))
+def test_fixed_allocators_floor_at_protected(allocate, scores, budget, protected):
+    layers, n = len(scores), scores[0].numel()
+    counts = allocate(scores, budget, protected=protected)
+    target = max(layers, min(layers * n, round(budget * n * layers)))
+    assert sum(counts) == target
+    assert min(counts) >= min(protected, n, target // layers)
+
+
+def test_sink_does_not_starve_a_layer():
+    """A layer whose sink holds most of the mass: without protection the sink alone reaches the retention ratio and
+    the layer is cut to min_keep; with the sink protected the search sees the rest of the layer's importance."""
+    n = 64
+    gen = torch.Generator().manual_seed(0)
+    rest = torch.softmax(torch.randn(n, generator=gen) * 0.3, 0)
+    sink_layer = rest.clone()
+    sink_layer[0] = 3.0  # ~75% of the mass on position 0
+    flat = torch.softmax(torch.randn(n, generator=gen) * 0.1, 0)
+    scores = [sink_layer / sink_layer.sum(), flat]
+    unprotected = prefix_allocation(scores, 0.25)
+    protect = torch.zeros(n, dtype=torch.bool)
+    protect[0] = True
+    protect[-1] = True
+    protected = prefix_allocation(scores, 0.25, protect=protect)
+    assert unprotected[0] < 4  # the failure the protection is for
+    assert protected[0] > unprotected[0] and sum(protected) == sum(unprotected) == 32
+
+
+def test_layer_floor_rejects_bad_share():
+    with pytest.raises(ValueError, match="floor share"):
+        layer_floor(10, 2, 8, share=1.5)

@@ -53,7 +53,8 @@ def test_profile_is_used_without_search(llama, profile, tmp_path, monkeypatch):
     out = prefixkv.generate(llama, text_inputs(seq=48), method="prefixkv", budget=0.2, max_new_tokens=3, profile=path)
     kept = out.cache_stats.kept
     assert sum(kept) == round(0.2 * 48 * 4)
-    expected = profile.counts(0.2, 48, layers=4)
+    method = prefixkv.build_method("prefixkv")
+    expected = profile.counts(0.2, 48, layers=4, protected=method.protected, share=method.layer_floor)
     assert kept == expected
 
 
@@ -98,3 +99,45 @@ def test_counts_respect_bounds(profile):
     counts = profile.counts(0.1, 10, layers=4, min_keep=2)
     assert all(2 <= c <= 10 for c in counts)
     assert sum(counts) == 8  # round(0.1 * 10 * 4) = 4 is below 4 layers x min_keep 2
+
+
+GOOD_PROFILE = {"model": "m", "num_layers": 2, "samples": 1, "budgets": {"0.2": [0.1, 0.3]}}
+
+
+def _bad(**over):
+    return json.dumps({**GOOD_PROFILE, **over}).encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "is a directory"),
+        (b"\xff\xfe{not utf-8", "is not UTF-8"),
+        (_bad(budgets={"0.2": ["a", 0.3]}), "budgets['0.2'] must be a list of numbers"),
+        (_bad(budgets={"0.2": [True, 0.3]}), "budgets['0.2'] must be a list of numbers"),
+        (_bad(budgets={"half": [0.1, 0.3]}), "budgets key 'half' is not a number"),
+        (_bad(budgets=[0.1, 0.3]), "field 'budgets' must be an object"),
+        (_bad(num_layers="two"), "field 'num_layers' must be an integer"),
+        (_bad(num_layers=2.5), "field 'num_layers' must be an integer"),
+        (_bad(samples=True), "field 'samples' must be an integer"),
+        (_bad(model=3), "field 'model' must be a string"),
+        (json.dumps([GOOD_PROFILE]).encode(), "must hold a JSON object, got a list"),
+        (_bad(budgets={"0.2": [0.1, 1.5]}), "ratios outside [0, 1]"),
+        (_bad(budgets={"1.5": [0.1, 0.3]}), "budget must be in (0, 1]"),
+    ],
+)
+def test_profile_errors_name_the_file_and_field(tmp_path, content, message):
+    path = tmp_path / "profile.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        Profile.load(path)
+    text = str(err.value)
+    assert str(path) in text and message in text and "\n" not in text
+
+
+def test_profile_records_the_protections_it_was_made_with(profile):
+    assert profile.meta["method"]["sinks"] == 1 and profile.meta["method"]["recent"] == 1
+    assert profile.meta["method"]["layer_floor"] == 0.2

@@ -25,6 +25,10 @@ class Method:
 
     Fields common to all methods:
         min_keep: every layer keeps at least this many prompt entries.
+        sinks: the first `sinks` prompt entries (attention sinks) are never evicted.
+        recent: the last `recent` prompt entries are never evicted. Sinks and recent entries are kept in every
+            layer before the scores choose the rest, and every layer's size is floored at their number (as far as
+            the budget allows; sinks win over recent entries when it does not).
         per_kv_head: select entries per KV head (each head its own top-k) instead of one set shared by all heads.
         decode: what happens to generated tokens (`prefixkv.policy`): "grow" keeps them all, "fixed_position" holds
             each layer's keep ratio by dropping the entry `decode_distance` places before the end of the compressed
@@ -37,18 +41,63 @@ class Method:
     needs_scores: ClassVar[bool] = True
 
     min_keep: int = 1
+    sinks: int = 0
+    recent: int = 0
     per_kv_head: bool = False
     decode: str = "grow"
     decode_distance: int = 0
     decode_recent: int = 8
 
     def __post_init__(self) -> None:
-        if not isinstance(self.min_keep, int) or self.min_keep < 1:
-            raise ValueError(f"{self.name}: min_keep must be an integer >= 1, got {self.min_keep!r}")
+        self.check_int("min_keep", 1)
+        self.check_int("sinks", 0)
+        self.check_int("recent", 0)
+        if not isinstance(self.per_kv_head, bool):
+            raise TypeError(f"{self.name}: per_kv_head must be True or False, got {self.per_kv_head!r}")
+        if not isinstance(self.decode, str):
+            raise TypeError(f"{self.name}: decode must be a policy name (a string), got {self.decode!r}")
+        self.check_int("decode_distance", 0)
+        self.check_int("decode_recent", 0)
         try:
             self.policy = decode_policy(self.decode, self.decode_distance, self.decode_recent)
         except ValueError as err:
             raise ValueError(f"{self.name}: {err}") from None
+
+    # --- validation helpers for subclasses ---------------------------------------------------------------------
+
+    def check_int(self, field: str, minimum: int) -> None:
+        """TypeError unless field `field` is an int (not a bool); ValueError if below `minimum`."""
+        value = getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{self.name}: {field} must be an integer >= {minimum}, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"{self.name}: {field} must be an integer >= {minimum}, got {value!r}")
+
+    def check_float(self, field: str, low: float, high: float) -> None:
+        """TypeError unless field `field` is a real number (not a bool); ValueError outside [low, high]."""
+        value = getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{self.name}: {field} must be a number in [{low:g}, {high:g}], got {value!r}")
+        if not low <= value <= high:  # also rejects NaN
+            raise ValueError(f"{self.name}: {field} must be in [{low:g}, {high:g}], got {value!r}")
+
+    @property
+    def protected(self) -> int:
+        """Prompt entries every layer holds before the scores choose: its floor, as far as the budget allows."""
+        return self.sinks + self.recent
+
+    def protection(self, n: int, keep: int, recent: int | None = None) -> torch.Tensor | None:
+        """(n,) bool: the protected positions among `n` when `keep` entries are kept - the first `sinks`, then the
+        last `recent` (default: the field), cut to `keep` (sinks first). None when nothing is protected."""
+        sinks = min(self.sinks, keep, n)
+        recent = min(self.recent if recent is None else recent, keep - sinks, n - sinks)
+        if sinks == 0 and recent == 0:
+            return None
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[:sinks] = True
+        if recent:
+            mask[n - recent :] = True
+        return mask
 
     @property
     def query_window(self) -> int | None:
@@ -72,7 +121,7 @@ class Method:
 
     def allocate(self, scores: Sequence[torch.Tensor], budget: float) -> list[int]:
         """Kept entries per layer; `scores` is one (batch, kv_heads, n) tensor per layer."""
-        return uniform_allocation(layer_profiles(scores), budget, min_keep=self.min_keep)
+        return uniform_allocation(layer_profiles(scores), budget, min_keep=self.min_keep, protected=self.protected)
 
     @property
     def sizes_need_scores(self) -> bool:
@@ -87,8 +136,8 @@ class Method:
         return self.allocate([torch.zeros(1, 1, n)] * layers, budget)
 
     def select(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        """The `keep` entries to retain: (batch, kv_heads, keep) int64 positions, ascending."""
-        return top_k_positions(scores, keep)
+        """The `keep` entries to retain: (batch, kv_heads, keep) int64 positions, ascending; protected ones first."""
+        return top_k_positions(scores, keep, protect=self.protection(scores.shape[-1], keep))
 
     # --- plumbing --------------------------------------------------------------------------------------------
 

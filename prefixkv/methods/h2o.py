@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefixkv.methods.base import Method, recent_mask, top_k_positions
+from prefixkv.methods.base import Method, top_k_positions
 
 
 @dataclass
@@ -14,8 +14,9 @@ class H2O(Method):
     """Keeps, per KV head, the entries with the largest accumulated attention plus the most recent ones
     (Zhang et al., arXiv 2306.14048). Every layer keeps the same number of entries.
 
-    `recent_ratio` of each layer's budget goes to the most recent entries, the rest to heavy hitters.
-    Scores: (batch, kv_heads, n), the attention each entry received from every prompt query.
+    `recent_ratio` of each layer's budget goes to the most recent entries (at least `recent` of them), the rest to
+    heavy hitters; H2O has no attention sinks (`sinks=0`). Scores: (batch, kv_heads, n), the attention each entry
+    received from every prompt query.
     """
 
     name = "h2o"
@@ -25,9 +26,8 @@ class H2O(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.recent_ratio <= 1.0:
-            raise ValueError(f"h2o: recent_ratio must be in [0, 1], got {self.recent_ratio!r}")
+        self.check_float("recent_ratio", 0.0, 1.0)
 
     def select(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        recent = recent_mask(scores.shape[-1], round(keep * self.recent_ratio), scores.device)
-        return top_k_positions(scores, keep, protect=recent)
+        window = max(self.recent, round(keep * self.recent_ratio))
+        return top_k_positions(scores, keep, protect=self.protection(scores.shape[-1], keep, recent=window))

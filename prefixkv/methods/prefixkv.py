@@ -20,18 +20,28 @@ class PrefixKV(Uniform):
     they receive from the prompt; one global retention ratio p, searched so that the kept sizes meet the budget,
     gives each layer the shortest prefix of its ranking whose importance reaches p; then the top entries are kept.
 
+    The protected entries (`sinks`, `recent`: the first and the last token, as in the official code) head every
+    layer's priority sequence and the search runs on the importance of the others, renormalised: a sink holding
+    half of a layer's attention would otherwise reach p alone and cut that layer to one entry. `layer_floor`
+    guarantees every layer that fraction of the average layer size (and at least its protected entries); the
+    adaptive search shares what remains. Its default, 0.2, is Ada-KV's safeguard (arXiv 2407.11550).
+
     `profile` (a path to a calibration JSON, or a `Profile`) gives offline per-layer keep ratios: with it no search
-    runs at inference. Without it the search runs online on the current prompt. `recent` as in `Uniform`, whose
-    scores and selection this method shares. Scores: (batch, kv_heads, n).
+    runs at inference. Without it the search runs online on the current prompt. Scores and selection as in
+    `Uniform`. Scores: (batch, kv_heads, n).
     """
 
     name = "prefixkv"
 
+    layer_floor: float = 0.2
     profile: str | Path | Profile | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_float("layer_floor", 0.0, 1.0)
         if self.profile is not None and not isinstance(self.profile, Profile):
+            if not isinstance(self.profile, str | Path):
+                raise TypeError(f"{self.name}: profile must be a path or a Profile, got {self.profile!r}")
             self.profile = Profile.load(self.profile)
 
     @property
@@ -40,7 +50,12 @@ class PrefixKV(Uniform):
         return self.profile is None
 
     def allocate(self, scores: Sequence[torch.Tensor], budget: float) -> list[int]:
-        if self.profile is None:
-            return prefix_allocation(layer_profiles(scores), budget, min_keep=self.min_keep)
         n = scores[0].shape[-1]
-        return self.profile.counts(budget, n, layers=len(scores), min_keep=self.min_keep)
+        if self.profile is None:
+            return prefix_allocation(
+                layer_profiles(scores), budget, min_keep=self.min_keep, protect=self.protection(n, n),
+                floor_share=self.layer_floor,
+            )
+        return self.profile.counts(
+            budget, n, layers=len(scores), min_keep=self.min_keep, protected=self.protected, share=self.layer_floor
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from prefixkv.methods.snapkv import SnapKV
 @dataclass
 class PyramidKV(SnapKV):
     """SnapKV scores and selection with pyramidal per-layer sizes (Cai et al., arXiv 2406.02069): the first layer
-    keeps about 2 - 1/beta times the average size, the last 1/beta of it.
+    keeps about 2 - 1/beta times the average size, the last 1/beta of it, and every layer at least SnapKV's window.
 
     Scores: (batch, kv_heads, n).
     """
@@ -26,8 +27,9 @@ class PyramidKV(SnapKV):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.beta >= 1:
-            raise ValueError(f"pyramidkv: beta must be >= 1, got {self.beta!r}")
+        self.check_float("beta", 1.0, math.inf)
 
     def allocate(self, scores: Sequence[torch.Tensor], budget: float) -> list[int]:
-        return pyramid_allocation(layer_profiles(scores), budget, min_keep=self.min_keep, beta=self.beta)
+        return pyramid_allocation(
+            layer_profiles(scores), budget, min_keep=self.min_keep, beta=self.beta, protected=self.protected
+        )

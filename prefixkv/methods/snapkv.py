@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prefixkv.methods.base import Method, recent_mask, top_k_positions
+from prefixkv.methods.base import Method, top_k_positions
 from prefixkv.scoring import attention_mass
 
 
@@ -15,7 +15,7 @@ from prefixkv.scoring import attention_mass
 class SnapKV(Method):
     """Scores entries by the attention of the last `window` prompt queries, smoothed by 1-D pooling of width
     `kernel_size`, and keeps the top entries per KV head plus the window itself (Li et al., arXiv 2404.14469).
-    Every layer keeps the same number of entries.
+    Every layer keeps the same number of entries, and at least the window (plus `sinks`, none by default).
 
     Scores: (batch, kv_heads, n).
     """
@@ -29,9 +29,9 @@ class SnapKV(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"{self.name}: window must be an integer >= 1, got {self.window!r}")
-        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+        self.check_int("window", 1)
+        self.check_int("kernel_size", 1)
+        if self.kernel_size % 2 == 0:
             raise ValueError(f"{self.name}: kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"{self.name}: pooling must be 'avg' or 'max', got {self.pooling!r}")
@@ -39,6 +39,10 @@ class SnapKV(Method):
     @property
     def query_window(self) -> int | None:
         return self.window
+
+    @property
+    def protected(self) -> int:
+        return self.sinks + max(self.recent, self.window)
 
     def score(
         self, queries: torch.Tensor, keys: torch.Tensor, layer_idx: int, lse: torch.Tensor | None = None
@@ -53,5 +57,5 @@ class SnapKV(Method):
         return pooled.reshape(batch, heads, n)
 
     def select(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        window = recent_mask(scores.shape[-1], min(self.window, keep), scores.device)
-        return top_k_positions(scores, keep, protect=window)
+        window = max(self.recent, self.window)
+        return top_k_positions(scores, keep, protect=self.protection(scores.shape[-1], keep, recent=window))

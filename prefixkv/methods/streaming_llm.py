@@ -21,11 +21,6 @@ class StreamingLLM(Method):
 
     sinks: int = 4
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.sinks, int) or self.sinks < 0:
-            raise ValueError(f"streaming_llm: sinks must be an integer >= 0, got {self.sinks!r}")
-
     def select(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         batch, heads, n = scores.shape
         sinks = min(self.sinks, keep)

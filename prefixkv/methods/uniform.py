@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prefixkv.methods.base import Method, recent_mask, top_k_positions
+from prefixkv.methods.base import Method
+from prefixkv.scoring import normalise
 
 
 @dataclass
@@ -14,21 +15,34 @@ class Uniform(Method):
     """PrefixKV's scores and top-k selection, every layer the same size: isolates what PrefixKV's adaptive
     allocation buys (ablation of Wang et al., arXiv 2412.03409). Scores: (batch, kv_heads, n).
 
-    `recent` protects the last `recent` prompt entries from eviction (0: pure top-k, as specified). Attention
-    accumulated under the causal mask favours early positions - the last entry is seen by one query, the first by
-    all - so pure top-k tends to drop the instruction at the end of a prompt; H2O and SnapKV protect a recent
-    window for this reason.
+    Protections as in the official PrefixKV code: the first entry (`sinks=1`, the attention sink) and the last one
+    (`recent=1`) are always kept. Attention accumulated under the causal mask favours early positions - the last
+    entry is seen by one query, the first by all - so top-k tends to drop the end of a prompt: `recent` protects a
+    window of it, and `visibility_norm=True` divides each entry's attention by the number of queries that could
+    attend to it (n - j for entry j), which removes that bias from the scores themselves.
     """
 
     name = "uniform"
 
-    recent: int = 0
+    sinks: int = 1
+    recent: int = 1
+    visibility_norm: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.recent, int) or self.recent < 0:
-            raise ValueError(f"{self.name}: recent must be an integer >= 0, got {self.recent!r}")
+        if not isinstance(self.visibility_norm, bool):
+            raise TypeError(f"{self.name}: visibility_norm must be True or False, got {self.visibility_norm!r}")
 
-    def select(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        protect = recent_mask(scores.shape[-1], min(self.recent, keep), scores.device) if self.recent else None
-        return top_k_positions(scores, keep, protect=protect)
+    def score(
+        self, queries: torch.Tensor, keys: torch.Tensor, layer_idx: int, lse: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        scores = super().score(queries, keys, layer_idx, lse=lse)
+        if not self.visibility_norm:
+            return scores
+        return normalise(scores / visible_queries(queries.shape[2], keys.shape[2], scores.device))
+
+
+def visible_queries(s_q: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n,) float32: how many of the prompt's last `s_q` queries see each of `n` keys under the causal mask."""
+    j = torch.arange(n, device=device)
+    return (n - j).clamp(max=s_q).clamp(min=1).float()
