@@ -26,6 +26,7 @@ cell raises `CompareError` (the CLI's exit code 2).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from rich.markup import escape
 from rich.table import Table
 from scipy.stats import mannwhitneyu
 
-from bench import store
+from bench import labels, store
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_MISSING = 0, 1, 2, 3
 
@@ -115,10 +116,16 @@ def _name(source) -> str:
 
 
 def _label(rows: pd.DataFrame) -> str:
+    """The cell's label as the CLI and the report print it (`bench.labels.cell`)."""
     r = rows.iloc[0]
-    budget = r["budget"]
-    budget = f"{budget:g}" if isinstance(budget, int | float) and not isinstance(budget, bool) else str(budget)
-    return f"{r['model']} b{r['batch_size']} t{r['text_tokens']}+{r['new_tokens']} {r['method']}@{budget}"
+    try:
+        kwargs = json.loads(r["method_kwargs"]) if isinstance(r.get("method_kwargs"), str) else {}
+        prompt = r.get("prompt_length")
+        prompt = int(prompt) if isinstance(prompt, int | float) and prompt == prompt else None
+        return labels.cell(str(r["model"]), str(r.get("device", "?")), int(r["batch_size"]), int(r["text_tokens"]),
+                           int(r["new_tokens"]), str(r["method"]), float(r["budget"]), kwargs, prompt)
+    except (KeyError, TypeError, ValueError):  # a row missing configuration columns (a hand-made store)
+        return str(r.get("key", "?"))
 
 
 def _runs(rows: pd.DataFrame) -> list[pd.DataFrame]:
