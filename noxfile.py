@@ -73,6 +73,14 @@ def train_embedded(session: nox.Session) -> None:
     session.run("python", "-m", "bench.embedded.calibrate")
 
 
+@nox.session(name="gpu-check", default=False)
+def gpu_check(session: nox.Session) -> None:
+    """GPU acceptance in resumable <= 9-minute phases: gpu tests, kernels, headline and long-context cells, archive."""
+    _install(session, ".[test]")
+    session.install("pytest-xdist")
+    session.run("python", "-m", "bench.gpu_check", *session.posargs)
+
+
 @nox.session(default=False)
 def regress(session: nox.Session) -> None:
     """Gate on performance: the regress matrix on a baseline ref (posargs[0], default HEAD) vs the working tree."""
@@ -111,7 +119,9 @@ def _install(session: nox.Session, *targets: str) -> None:
     env = {}
     if "PIP_CONSTRAINT" not in os.environ and shutil.which("nvidia-smi") is None:
         env["PIP_CONSTRAINT"] = str(ROOT / "constraints-cpu.txt")
-    session.install(*targets, env=env)
+    # pip's own output is shown: a first install (torch, transformers...) takes minutes and should not look hung.
+    session.log(f"installing {' '.join(targets)}: a few minutes on a first run, seconds once installed")
+    session.install(*targets, env=env, silent=False)
 
 
 def _baseline_tree(session: nox.Session, ref: str, work: Path) -> Path:

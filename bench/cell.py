@@ -4,8 +4,13 @@ Order of work, so that nothing untimed leaks into the timed region and nothing t
 1. build the model and the prompt; generate with the full cache once (the quality reference, untimed);
 2. warm up the method (`warmup` untimed calls);
 3. `repetitions` timed calls of `prefixkv.generate`, inside the telemetry sampler, reading the energy counter around
-   each; the generation's own host-synchronised timings split prefill / score / allocate / compact / decode;
-4. quality against the reference: token agreement, ROUGE-L, and the perplexity of the reference continuation under
+   each; a `RegionTimer` passed to the library (CUDA events on GPU, never a sync inside the work) splits prefill /
+   score / allocate / compact / each decode step;
+4. the deterministic counters of one decode step (`bench.counters`): aten ops, host syncs and bytes allocated from the
+   eager step, kernel launches (CUDA) from the step as configured, graph breaks and recompiles of a compiled step;
+5. on CUDA, the byte floor of a decode step - the bytes it must read (decoder weights + the KV cache held) over the
+   copy bandwidth measured in the same process - and the measured step's ratio to it;
+6. quality against the reference: token agreement, ROUGE-L, and the perplexity of the reference continuation under
    the compressed cache (teacher forcing).
 
 The result (one row per repetition) is written as JSON; a failure writes `status` and `error` instead, and a crash
@@ -31,10 +36,11 @@ from pathlib import Path
 import torch
 
 from bench import quality
+from bench.counters import StepCounters, compile_counters
 from bench.matrix import Cell
 from bench.models import build
 from bench.telemetry import Telemetry
-from bench.timing import median, timed
+from bench.timing import RegionTimer, median, synchronize, timed
 
 
 def _fault(cell: Cell) -> None:
@@ -73,6 +79,54 @@ def _peak_memory(device: str) -> tuple[int | None, str]:
     return (rss * 1024 if sys.platform.startswith("linux") else rss), "process peak RSS"
 
 
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Parameter bytes a decode step reads: the text decoder and the LM head - not a vision tower or projector (run
+    once, in prefill), nor an untied input embedding (one row per token is read)."""
+    text = model.config.get_text_config(decoder=True)
+    tied = bool(getattr(text, "tie_word_embeddings", False))
+    skipped = ("vision", "multi_modal_projector") + (() if tied else ("embed_tokens",))
+    return sum(p.nbytes for name, p in model.named_parameters() if not any(s in name for s in skipped))
+
+
+def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """GB/s of a device-to-device `copy_` of `nbytes` (read + write counted), median of `repeats`, CUDA events."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        samples.append(2 * nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
+    del src, dst
+    torch.cuda.empty_cache()
+    return float(statistics.median(samples))
+
+
+def _counters(run, cell: Cell, compile_step: bool) -> dict:
+    """The deterministic per-decode-step counters (module docstring), from a short extra generation."""
+    new_tokens = min(cell.new_tokens, 5)
+    if new_tokens < 2:
+        return {}
+    eager = StepCounters()
+    run(timer=eager, compile_step=False, new_tokens=new_tokens)
+    counted = eager.per_step()
+    launches = None
+    if cell.device.startswith("cuda"):
+        launched = StepCounters(count_ops=False, profile_launches=True)
+        run(timer=launched, compile_step=compile_step, new_tokens=new_tokens)
+        launches = launched.per_step()["kernel_launches"]
+    return {
+        "decode_aten_ops_per_step": counted["aten_ops"],
+        "decode_host_syncs_per_step": counted["host_syncs"],
+        "decode_alloc_bytes_per_step": counted["alloc_bytes"],
+        "decode_kernel_launches_per_step": launches,
+    }
+
+
 def measure(cell: Cell) -> list[dict]:
     """Measure `cell`; one dict per repetition."""
     import prefixkv
@@ -85,31 +139,40 @@ def measure(cell: Cell) -> list[dict]:
     model, inputs = loaded.model, loaded.make_inputs(cell.batch_size, cell.text_tokens, cell.seed)
     prompt_length = inputs["input_ids"].shape[1]
     kwargs = dict(cell.method_kwargs)
+    compile_step = bool(getattr(cell, "compile", False))
 
-    def run(method: str = cell.method, budget: float = cell.budget, **kw):
-        return prefixkv.generate(model, inputs, method=method, budget=budget, max_new_tokens=cell.new_tokens, **kw)
+    def run(method: str = cell.method, budget: float = cell.budget, *, timer=None, compile_step=compile_step,
+            new_tokens=cell.new_tokens, **kw):
+        return prefixkv.generate(
+            model, inputs, method=method, budget=budget, max_new_tokens=new_tokens, timer=timer,
+            compile=compile_step, **kw,
+        )
 
-    reference = run("full", 1.0) if cell.method != "full" else None
-    for _ in range(cell.warmup):
-        run(**kwargs)
+    reference = run("full", 1.0, compile_step=False) if cell.method != "full" else None
+    with compile_counters() as compiled:
+        for _ in range(cell.warmup):
+            run(**kwargs)
 
-    hook = _slow_decode_hook(model, cell)
-    telemetry = Telemetry.for_device(cell.device)
-    if cell.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(cell.device)
-    reps = []
-    telemetry.start()
-    try:
-        for rep in range(cell.repetitions):
-            e0, t0 = telemetry.energy_mj(), time.perf_counter()
-            out, total = timed(lambda: run(**kwargs), cell.device)
-            e1, t1 = telemetry.energy_mj(), time.perf_counter()
-            reps.append((rep, out, total, telemetry.window_energy_j(e0, e1, t0, t1)))
-    finally:
-        telemetry.stop()
-        if hook is not None:
-            hook.remove()
+        hook = _slow_decode_hook(model, cell)
+        telemetry = Telemetry.for_device(cell.device)
+        if cell.device.startswith("cuda"):
+            synchronize(cell.device)
+            torch.cuda.reset_peak_memory_stats(cell.device)
+        reps = []
+        telemetry.start()
+        try:
+            for rep in range(cell.repetitions):
+                timer = RegionTimer(cell.device)
+                e0, t0 = telemetry.energy_mj(), time.perf_counter()
+                out, total = timed(lambda timer=timer: run(timer=timer, **kwargs), cell.device)
+                e1, t1 = telemetry.energy_mj(), time.perf_counter()
+                reps.append((rep, out, total, telemetry.window_energy_j(e0, e1, t0, t1), timer.seconds()))
+        finally:
+            telemetry.stop()
+            if hook is not None:
+                hook.remove()
     peak, peak_source = _peak_memory(cell.device)
+    counters = _counters(lambda **kw: run(**kwargs, **kw), cell, compile_step)
 
     new = [s[prompt_length:].tolist() for s in reps[-1][1].sequences]
     ref = new if reference is None else [s[prompt_length:].tolist() for s in reference.sequences]
@@ -141,28 +204,39 @@ def measure(cell: Cell) -> list[dict]:
         ),
         "perplexity": quality.perplexity(logprobs),
         **telemetry.summary(),
+        **counters,
+        "compiled": compile_step,
+        "compile_graph_breaks": compiled["graph_breaks"] if compile_step else None,
+        # Warm-up and repetitions share one graph when nothing recompiles.
+        "compile_recompiles": max(0, compiled["graphs"] - 1) if compile_step else None,
+        "decode_weight_bytes": decode_weight_bytes(model),
     }
+    floor = _byte_floor(cell, shared, stats) if cell.device.startswith("cuda") else {}
+    shared.update(floor)
     generated = cell.batch_size * cell.new_tokens
     rows = []
-    for rep, out, total, (energy, energy_source) in reps:
-        t = out.timings
-        steps = [float(s) for s in t.get("decode_steps", [])]
-        decode = float(t.get("decode", sum(steps)))
+    for rep, _out, total, (energy, energy_source), t in reps:
+        steps = [float(s) for s in t.get("decode_step", [])]
+        decode = float(sum(steps))
+        prefill = float(sum(t.get("prefill", [0.0])))
+        step_median = median(steps)
+        floor_s = floor.get("decode_floor_s")
         rows.append(
             {
                 "rep": rep,
                 "status": "ok",
                 "error": None,
                 "total_s": total,
-                "prefill_s": float(t["prefill"]),
-                "score_s": float(t.get("score", 0.0)),
-                "allocate_s": float(t.get("allocate", 0.0)),
-                "compact_s": float(t.get("compact", 0.0)),
+                "prefill_s": prefill,
+                "score_s": float(sum(t.get("score", []))),
+                "allocate_s": float(sum(t.get("allocate", []))),
+                "compact_s": float(sum(t.get("compact", []))),
                 # The first token is the prefill's argmax; it exists once prefill returns.
-                "ttft_s": float(t["prefill"]),
+                "ttft_s": prefill,
                 "decode_s": decode,
                 "decode_steps_s": steps,
-                "decode_step_median_s": median(steps),
+                "decode_step_median_s": step_median,
+                "decode_floor_ratio": step_median / floor_s if floor_s and step_median else None,
                 "decode_tokens_per_s": cell.batch_size * len(steps) / decode if decode > 0 else None,
                 "tokens_per_s": generated / total,
                 "energy_j": energy,
@@ -172,6 +246,20 @@ def measure(cell: Cell) -> list[dict]:
             }
         )
     return rows
+
+
+def _byte_floor(cell: Cell, shared: dict, stats) -> dict:
+    """The decode step's byte floor on this GPU: decoder weights plus the mean KV cache held over the steps, over
+    the copy bandwidth measured now, in this process."""
+    bandwidth = copy_bandwidth_gbps(cell.device)
+    entry_bytes = [b / h if h else 0.0 for b, h in zip(stats.bytes, stats.held, strict=True)]
+    kv_mean = sum(e * (k + h) / 2 for e, k, h in zip(entry_bytes, stats.kept, stats.held, strict=True))
+    floor_bytes = shared["decode_weight_bytes"] + kv_mean
+    return {
+        "copy_bandwidth_gbps": bandwidth,
+        "decode_floor_bytes": int(floor_bytes),
+        "decode_floor_s": floor_bytes / (bandwidth * 1e9),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,11 +115,11 @@ class Cell:
 
     @property
     def label(self) -> str:
-        policy = "" if self.decode == "grow" else f"/{self.decode}"
-        return (
-            f"{self.model} {self.device} b{self.batch_size} t{self.text_tokens}+{self.new_tokens} "
-            f"{self.method}@{self.budget:g}{policy}"
-        )
+        """`embedded cpu b1 · 25+48 tok prefixkv@0.3`: the prompt the cell feeds, as the report names it."""
+        from bench import labels
+
+        return labels.cell(self.model, self.device, self.batch_size, self.text_tokens, self.new_tokens, self.method,
+                           self.budget, self.method_kwargs)
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "method_kwargs": dict(self.method_kwargs)}, sort_keys=True)

@@ -37,7 +37,8 @@ def published() -> pd.DataFrame:
 
 def comparison(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(the published rows, our cells at the paper's shapes): for each of our cells the median end-to-end tokens/s
-    (generated tokens over the whole generate call, as the paper counts them), peak memory, status, and the
+    (generated tokens over the whole generate call, as the paper counts them), its repetitions `n` and their 95%
+    bootstrap `interval`, peak memory, status, and the
     speed-up over our full cache at the same shape on the same hardware."""
     pub = published()
     needed = {"model", "batch_size", "prompt_length", "new_tokens", "method", "budget", "status"}
@@ -55,7 +56,8 @@ def comparison(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows["hardware"] = rows["device_name"].fillna(rows["env_machine"]) if "device_name" in rows else rows["env_machine"]
     group = ["hardware", *_SHAPE, "method", "budget", "decode"]
     ok = rows[rows["status"] == "ok"]
-    measured = ok.groupby(group).agg(tokens_per_s=("tokens_per_s", "median"),
+    measured = ok.groupby(group).agg(tokens_per_s=("tokens_per_s", "median"), n=("tokens_per_s", "size"),
+                                     interval=("tokens_per_s", _interval),
                                      peak_memory_gib=("peak_memory_bytes", lambda b: b.max() / 2**30))
     failed = rows[rows["status"] != "ok"].groupby(group)["status"].first()
     table = measured.join(failed, how="outer").reset_index()
@@ -64,3 +66,59 @@ def comparison(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     table = table.join(full, on=["hardware", *_SHAPE])
     table["speedup"] = table["tokens_per_s"] / table["full"]
     return pub, table.drop(columns="full").sort_values(group)
+
+
+def _interval(samples: pd.Series) -> str:
+    from bench.uncertainty import median_ci
+
+    e = median_ci(samples.to_numpy(dtype=float))
+    return "-" if not e.known or e.n < 2 else f"{e.lo:,.0f}-{e.hi:,.0f}"
+
+
+def published_display() -> pd.DataFrame:
+    """The published rows as the report shows them: readable headings, consistent numbers."""
+    t = published()
+    return pd.DataFrame({
+        "model": t["model"], "batch": t["batch"], "prompt + new tokens": t["prompt"].astype(str) + "+"
+        + t["new"].astype(str), "method": t["method"], "budget": t["budget"].map(lambda b: f"{b:g}"),
+        "end-to-end tok/s": t["tokens_per_s"].map(lambda v: "-" if pd.isna(v) else f"{v:,.0f}"),
+        "x full": t["speedup"].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}x"), "status": t["status"],
+    })
+
+
+def display(measured: pd.DataFrame) -> pd.DataFrame:
+    """Our cells at the paper's shapes, as the report shows them."""
+    m = measured
+    return pd.DataFrame({
+        "hardware": m["hardware"], "model": m["model"], "batch": m["batch"],
+        "prompt + new tokens": m["prompt"].map(lambda v: f"{v:.0f}") + "+" + m["new"].map(lambda v: f"{v:.0f}"),
+        "method": m["method"] + np.where(m["decode"] == "grow", "", "/" + m["decode"].astype(str)),
+        "budget": m["budget"].map(lambda b: f"{b:g}"),
+        "reps": m["n"].map(lambda v: "-" if pd.isna(v) else f"{v:.0f}"),
+        "end-to-end tok/s": m["tokens_per_s"].map(lambda v: "-" if pd.isna(v) else f"{v:,.0f}"),
+        "interval": m["interval"].fillna("-"),
+        "x full": m["speedup"].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}x"),
+        "peak GiB": m["peak_memory_gib"].map(lambda v: "-" if pd.isna(v) else f"{v:.1f}"),
+        "status": m["status"],
+    })
+
+
+def sentence(measured: pd.DataFrame) -> str | None:
+    """In words: were our compressed cells at the paper's shapes faster or slower than our full cache, against the
+    paper's 1.82x at batch 16?"""
+    if measured.empty:
+        return None
+    pub = published()
+    paper_x = float(pub.loc[(pub["batch"] == 16) & (pub["method"] == "prefixkv"), "speedup"].iloc[0])
+    comp = measured[(measured["method"] != "full") & measured["speedup"].notna()]
+    if comp.empty:
+        return "No compressed cell at the paper's shapes has a full-cache cell beside it to compare with."
+    lo, hi = comp["speedup"].min(), comp["speedup"].max()
+    span = f"{lo:.2f}x" if lo == hi else f"{lo:.2f}-{hi:.2f}x"
+    if hi < 1:
+        verdict = f"every compressed cell was slower than our full cache ({span} its end-to-end throughput)"
+    elif lo > 1:
+        verdict = f"every compressed cell was faster than our full cache ({span})"
+    else:
+        verdict = f"compressed cells ranged from slower to faster than our full cache ({span})"
+    return f"At the paper's shapes {verdict}, against the paper's {paper_x:.2f}x for PrefixKV at budget 0.2."

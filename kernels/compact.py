@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 # One switch for the whole package: whether kernels run here, and whether they are interpreted.
-from kernels.scores import _INTERPRET, _config_name, check_tensor, kernels_available
+from kernels.scores import _INTERPRET, PERSIST_AUTOTUNE, _config_name, check_tensor, kernels_available
 
 #: GPU autotuning space: rows per program and warps. A pure copy, so only the bytes in flight matter.
 COMPACT_CONFIGS = [
@@ -25,7 +25,9 @@ COMPACT_CONFIGS = [
 _INTERPRET_CONFIGS = [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1)]
 
 
-@triton.autotune(configs=_INTERPRET_CONFIGS if _INTERPRET else COMPACT_CONFIGS, key=["BLOCK_D", "K_BUCKET"])
+@triton.autotune(
+    configs=_INTERPRET_CONFIGS if _INTERPRET else COMPACT_CONFIGS, key=["BLOCK_D", "K_BUCKET"], **PERSIST_AUTOTUNE
+)
 @triton.jit
 def _compact_kv_kernel(
     # pointers

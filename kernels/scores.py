@@ -11,6 +11,7 @@ owned by one program and no atomics are needed. Extra memory is the (batch, q_he
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import os
@@ -97,7 +98,26 @@ def _configs(configs: list[triton.Config]) -> list[triton.Config]:
     return _INTERPRET_CONFIGS if _INTERPRET else configs
 
 
-@triton.autotune(configs=_configs(LSE_CONFIGS), key=["S_Q_BUCKET", "S_K_BUCKET", "BLOCK_D", "CAUSAL"])
+def _prune_fp32(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """fp32 inputs run the "ieee" dot, several times slower to compile and to run per config: tuning all of them cost
+    50-70 s per new length bucket on an H100, so fp32 keeps only the small-block configs (which also fit its smem)."""
+    if named_args["q_ptr"].dtype != torch.float32:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return small or configs[-1:]
+
+
+#: Autotuning results persist in Triton's cache directory (keyed on the kernel, its key and the argument dtypes)
+#: where this Triton supports it, so a new process does not tune again; the interpreter has nothing to tune.
+PERSIST_AUTOTUNE = (
+    {"cache_results": True}
+    if not _INTERPRET and "cache_results" in inspect.signature(triton.autotune).parameters
+    else {}
+)
+_TUNING = {"prune_configs_by": {"early_config_prune": _prune_fp32}, **PERSIST_AUTOTUNE}
+
+
+@triton.autotune(configs=_configs(LSE_CONFIGS), key=["S_Q_BUCKET", "S_K_BUCKET", "BLOCK_D", "CAUSAL"], **_TUNING)
 @triton.jit
 def _attention_lse_kernel(
     # pointers
@@ -195,7 +215,7 @@ def _attention_lse_kernel(
     tl.store(lse_ptr + pid_bh.to(tl.int64) * s_q + rows, lse, mask=rows < s_q)
 
 
-@triton.autotune(configs=_configs(SCORE_CONFIGS), key=["S_Q_BUCKET", "S_K_BUCKET", "BLOCK_D", "CAUSAL"])
+@triton.autotune(configs=_configs(SCORE_CONFIGS), key=["S_Q_BUCKET", "S_K_BUCKET", "BLOCK_D", "CAUSAL"], **_TUNING)
 @triton.jit
 def _attention_scores_kernel(
     # pointers

@@ -11,10 +11,11 @@ from prefixkv.allocation import prefix_allocation, pyramid_allocation, uniform_a
 from prefixkv.budget import check_budget
 from prefixkv.cache import CacheStats, CompressedLayer, PrefixKVCache
 from prefixkv.calibrate import calibrate
-from prefixkv.generation import GenerationOutput, attach, continuation_logprobs, generate
+from prefixkv.generation import GenerationOutput, attach, continuation_logprobs, generate, prefill_scores
 from prefixkv.methods import METHODS, Method, build_method
 from prefixkv.profile import Profile
 from prefixkv.scoring import key_importance
+from prefixkv.timer import NullTimer, Timer
 
 __all__ = [
     "METHODS",
@@ -22,8 +23,10 @@ __all__ = [
     "CompressedLayer",
     "GenerationOutput",
     "Method",
+    "NullTimer",
     "PrefixKVCache",
     "Profile",
+    "Timer",
     "attach",
     "build_method",
     "calibrate",
@@ -31,6 +34,7 @@ __all__ = [
     "continuation_logprobs",
     "generate",
     "key_importance",
+    "prefill_scores",
     "prefix_allocation",
     "pyramid_allocation",
     "uniform_allocation",

@@ -1,22 +1,35 @@
-"""A transformers KV cache whose layers are compressed after prefill, each to its own size.
+"""A transformers KV cache whose layers are compressed after prefill, each to its own size, and then decoded with
+static shapes so that a decode step can be compiled (`torch.compile(fullgraph=True)`) and captured in a CUDA graph.
 
-Shapes: every layer holds keys and values of shape (batch, kv_heads, length, head_dim); `length` differs between
-layers once the cache is compressed.
+Shapes: during prefill a layer holds keys and values of shape (batch, kv_heads, prompt, head_dim); once compressed
+it holds a preallocated buffer (batch, kv_heads, capacity, head_dim), `capacity` being the most entries its decode
+policy can ever hold, and a valid prefix of it.
+
+How a decode step avoids the host:
+- Every quantity that changes per step lives on the device: the step index (`PrefixKVCache.step`, (1,) int64), and
+  per layer the original position of each slot and, for the `score` policy, the attention each slot received.
+- What a step does to each layer is planned at compression (`prefixkv.policy`): which slot the new token goes to and
+  how many slots are valid after it. The step reads its row of that table with `index_select` (no `.item()`); under
+  `score` the victim is an `argmin` on the device. Slots 0..length-1 are always the valid ones: an eviction writes the
+  new token into the victim's slot instead of shifting or compacting.
+- Attention (`prefixkv.attention`) runs over each layer's whole buffer with a mask of its valid slots, so shapes never
+  change; unused slots are zero, so no NaN from uninitialised memory can leak through a zero attention weight.
 
 Two traps, and how this cache avoids them:
 - After compression a layer is shorter than the sequence, but new tokens need their true positions for RoPE:
-  `get_seq_length()` reports the number of tokens *seen* (prompt + generated), never the kept length, so that
-  transformers derives `position_ids = seen + i`.
-- Layers have different lengths, so no single (query x key) mask fits them all. During decoding the new token sees
-  every kept entry (there is no padding inside a batch), so the cache asks transformers for a mask over the new
-  token only (`get_mask_sizes` -> length `query_length`, offset `seen`): it is all-visible, SDPA drops it, and an
-  eager mask of one column broadcasts over each layer's own length. Hence decoding feeds one token at a time
-  after compression; a multi-token chunk raises instead of being masked wrongly.
+  `get_seq_length()` reports the number of tokens *seen* (prompt + generated), never the kept length. The decode loop
+  passes explicit `position_ids`.
+- Layers have different lengths, so no single mask fits them all: the registered attention function masks each layer
+  by its own valid length, and transformers is asked for no mask at all. Hence a compressed cache decodes one token
+  per step; a multi-token chunk raises.
+
+Host-side bookkeeping (`steps`, the count of decode steps taken) is updated by `update` when running eagerly, and by
+the compiled decode loop after each compiled call (`advance`), so that nothing in a compiled step is a Python int that
+changes.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -25,13 +38,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kernels.compact import compact_kv_into
 from prefixkv.budget import check_budget
 from prefixkv.methods.base import Method
-from prefixkv.policy import DecodePolicy
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for queued GPU work, so that a host clock read measures it."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+from prefixkv.policy import EVICT, DecodePolicy, Grow, Plan
+from prefixkv.timer import Timer, check_timer
 
 
 @dataclass
@@ -56,158 +64,197 @@ class CacheStats:
         return sum(self.kept) / (len(self.kept) * self.prompt_length) if self.kept else 0.0
 
 
-class CompressedLayer(CacheLayerMixin):
-    """One layer: the full prompt during prefill, then its kept entries in a preallocated decode buffer.
+def _static(tensor: torch.Tensor) -> torch.Tensor:
+    """Mark `tensor` as living at a fixed address, so a CUDA graph may read and mutate it in place (as transformers'
+    StaticCache does)."""
+    torch._dynamo.mark_static_address(tensor)
+    return tensor
 
-    After `compress`, the buffer holds as many slots as the decode policy can need (`kept + max_new_tokens` for
-    `grow`, the policy's limit otherwise); each decode step writes one slot, so a step costs O(kept) attention and no
-    reallocation. Should decoding outrun the buffer, it grows by doubling (counted in `reallocations`) rather than
-    fail. Keys are stored after RoPE, so attention does not depend on the order of the slots: an eviction moves the
-    last entry into the freed slot (O(1)) instead of shifting the rest, and `slot_positions` remembers which
-    original position each slot holds.
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer: the full prompt during prefill, then its kept entries in a static decode buffer.
+
+    After `compress`, `keys`/`values` are the whole (batch, kv_heads, capacity, head_dim) buffers; slots 0..kept-1
+    hold the kept prompt entries in original order, and decode step t writes slot `plan.slots[t]` (chosen on the
+    device under `score`). `slot_positions` remembers which original position each slot holds (-1: empty).
+    Should decoding outrun the plan (more steps than `max_new_tokens`), the eager path extends it and grows the
+    buffer by doubling (counted in `reallocations`) rather than fail; the compiled path never outruns it.
     """
 
     is_sliding = False
-    is_compileable = False
+    is_compileable = True
     is_croppable = False
 
     def __init__(self, max_new_tokens: int = 0):
         super().__init__()
         self.max_new_tokens = max_new_tokens
-        self.seen = 0  # tokens written through this layer: its true sequence length
+        self.seen = 0  # prompt tokens written during prefill
         self.prompt_length = 0  # tokens seen when the layer was compressed
-        self.length = 0  # entries held
         self.compressed = False
         self.positions: torch.Tensor | None = None  # (batch, kv_heads, kept) prompt positions kept at compression
-        self.policy = DecodePolicy()
+        self.policy: DecodePolicy = Grow()
+        self.plan: Plan | None = None
         self.ratio = 1.0  # kept / prompt_length
         self.slot_positions: torch.Tensor | None = None  # (batch, kv_heads, capacity) original position per slot
         self.attention_received: torch.Tensor | None = None  # (batch, kv_heads, capacity), `score` policy only
-        self.evictions = 0
         self.reallocations = 0
         self.history: list[torch.Tensor] | None = None  # held positions after each decode step, when recording
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
+        self._slots: torch.Tensor | None = None  # (steps,) int64: the plan's write slots
+        self._lengths: torch.Tensor | None = None  # (steps,) int64: valid slots after each step
+        self._lengths_before: torch.Tensor | None = None  # (steps,) int64: valid slots before each step
+        self._slot_index: torch.Tensor | None = None  # (capacity,) int64: 0..capacity-1
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
+    # --- prefill ----------------------------------------------------------------------------------------------
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Prefill: append the prompt's keys and values (the whole prompt is kept until the method has scored it)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        new = key_states.shape[-2]
-        if not self.compressed:
-            # Prefill: the whole prompt is kept until the method has scored it.
-            if self.keys is None:
-                self.keys, self.values = key_states, value_states
-            else:
-                self.keys = torch.cat([self.keys, key_states], dim=-2)
-                self.values = torch.cat([self.values, value_states], dim=-2)
-            self.seen += new
-            self.length = self.keys.shape[-2]
-            return self.keys, self.values
-        if new != 1:
-            raise ValueError(
-                f"a compressed cache decodes one token per step, got a chunk of {new}: layers have different "
-                "lengths, so no single attention mask fits a multi-token chunk"
-            )
-        limit = self.policy.limit(self.ratio, self.seen + 1)
-        while limit is not None and self.length + 1 > limit:
-            self._evict()
-        if self.length + 1 > self._key_buffer.shape[-2]:
-            self._grow(self.length + 1)
-        slot = self.length
-        self._key_buffer[:, :, slot : slot + 1] = key_states
-        self._value_buffer[:, :, slot : slot + 1] = value_states
-        self.slot_positions[:, :, slot] = self.seen
-        if self.attention_received is not None:
-            self.attention_received[:, :, slot] = 0.0
-        self.length += 1
-        self.seen += 1
-        self.keys = self._key_buffer[:, :, : self.length]
-        self.values = self._value_buffer[:, :, : self.length]
-        if self.history is not None:
-            self.history.append(self.held_positions())
+        if self.compressed:
+            raise ValueError("a compressed layer is written through `write` (PrefixKVCache.update)")
+        if self.keys is None:
+            self.keys, self.values = key_states, value_states
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        self.seen += key_states.shape[-2]
         return self.keys, self.values
 
     def compress(self, positions: torch.Tensor, policy: DecodePolicy | None = None) -> None:
-        """Keep the prompt entries at `positions` ((batch, kv_heads, k) ascending) in a fresh decode buffer."""
+        """Keep the prompt entries at `positions` ((batch, kv_heads, k) ascending) in a fresh static decode buffer."""
         if self.compressed:
             raise ValueError("layer already compressed")
-        self.policy = policy or DecodePolicy()
+        self.policy = policy or Grow()
         batch, heads, prompt, head_dim = self.keys.shape
         kept = positions.shape[-1]
-        capacity = self.policy.capacity(kept, prompt, self.max_new_tokens)
-        shape = (batch, heads, capacity, head_dim)
-        self._key_buffer = torch.empty(shape, dtype=self.keys.dtype, device=self.keys.device)
-        self._value_buffer = torch.empty(shape, dtype=self.values.dtype, device=self.values.device)
+        self.plan = self.policy.plan(kept, prompt, self.max_new_tokens)
+        capacity = max(kept, self.plan.capacity)
+        keys = torch.empty(batch, heads, capacity, head_dim, dtype=self.keys.dtype, device=self.keys.device)
+        values = torch.empty_like(keys)
         # The Triton kernel on CUDA (the torch reference elsewhere), straight into the decode buffer.
-        compact_kv_into(self.keys, self.values, positions, self._key_buffer, self._value_buffer)
-        self.slot_positions = torch.empty(batch, heads, capacity, dtype=torch.long, device=self.keys.device)
-        self.slot_positions[:, :, :kept] = positions
-        if self.policy.kind == "score":
-            self.attention_received = torch.zeros(batch, heads, capacity, device=self.keys.device)
+        compact_kv_into(self.keys, self.values, positions, keys, values)
+        keys[:, :, kept:].zero_()
+        values[:, :, kept:].zero_()
+        slot_positions = torch.full((batch, heads, capacity), -1, dtype=torch.long, device=keys.device)
+        slot_positions[:, :, :kept] = positions
+        self.keys, self.values, self.slot_positions = _static(keys), _static(values), _static(slot_positions)
+        if self.policy.needs_attention:
+            self.attention_received = _static(torch.zeros(batch, heads, capacity, device=keys.device))
         self.positions = positions
         self.prompt_length = prompt
         self.ratio = kept / prompt
-        self.length = kept
         self.compressed = True
-        self.keys = self._key_buffer[:, :, :kept]
-        self.values = self._value_buffer[:, :, :kept]
+        self._load_plan()
 
-    def held_positions(self) -> torch.Tensor:
-        """Original positions of the entries held now: (batch, kv_heads, length), ascending."""
-        if not self.compressed:
-            return torch.arange(self.length, device=self.keys.device).expand(*self.keys.shape[:2], -1)
-        return self.slot_positions[:, :, : self.length].sort(dim=-1).values
+    def _load_plan(self) -> None:
+        device = self.keys.device
+        plan = self.plan
+        before = [self.kept, *plan.lengths[:-1]]
+        self._slots = _static(torch.tensor(plan.slots, dtype=torch.long, device=device))
+        self._lengths = _static(torch.tensor(plan.lengths, dtype=torch.long, device=device))
+        self._lengths_before = _static(torch.tensor(before, dtype=torch.long, device=device))
+        self._slot_index = _static(torch.arange(self.keys.shape[-2], device=device))
+
+    # --- decode -----------------------------------------------------------------------------------------------
+
+    @property
+    def kept(self) -> int:
+        """Prompt entries kept at compression (all of them before)."""
+        return self.positions.shape[-1] if self.positions is not None else self.seen
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[-2] if self.keys is not None else 0
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, step: torch.Tensor):
+        """Decode step `step` ((1,) int64 on the device): write the new token's key and value ((batch, kv_heads, 1,
+        head_dim)) where the plan says. No host synchronisation, no allocation that outlives the step."""
+        batch, heads, _, head_dim = key_states.shape
+        slot = self._slots.index_select(0, step)  # (1,)
+        seen = step + self.prompt_length  # tokens written before this one = the new token's position
+        if self.policy.needs_attention:
+            valid = self._slot_index < self._lengths_before.index_select(0, step)
+            victim = self.policy.victim(self.attention_received, self.slot_positions, valid, seen)
+            slot = torch.where(slot == EVICT, victim, slot)  # (batch, kv_heads)
+            index = slot[:, :, None]
+            self.keys.scatter_(2, index[..., None].expand(batch, heads, 1, head_dim), key_states)
+            self.values.scatter_(2, index[..., None].expand(batch, heads, 1, head_dim), value_states)
+            self.slot_positions.scatter_(2, index, seen.expand(batch, heads, 1))
+            self.attention_received.scatter_(2, index, 0.0)
+        else:
+            # One slot for every batch row and head: the planned one.
+            self.keys.index_copy_(2, slot, key_states)
+            self.values.index_copy_(2, slot, value_states)
+            self.slot_positions.index_copy_(2, slot, seen.expand(batch, heads, 1))
+        return self.keys, self.values
+
+    def valid(self, step: torch.Tensor) -> torch.Tensor:
+        """(capacity,) bool: the slots attention may read after step `step` ((1,) int64)."""
+        return self._slot_index < self._lengths.index_select(0, step)
 
     def accumulate_attention(self, received: torch.Tensor) -> None:
-        """Add the attention a decode query gave each held entry ((batch, kv_heads, length)), for `score`."""
-        if self.attention_received is not None:
-            self.attention_received[:, :, : self.length] += received
+        """Add the attention a decode query gave each slot ((batch, kv_heads, capacity)), for `score`."""
+        self.attention_received.add_(received)
 
-    def _evict(self) -> None:
-        """Drop one entry per (batch, head), chosen by the policy, by moving the last entry into its slot."""
-        held = self.slot_positions[:, :, : self.length]
-        if self.policy.kind == "fixed_position":
-            anchor = min(max(0, self.positions.shape[-1] - 1 - self.policy.distance), self.length - 1)
-            slot = held.kthvalue(anchor + 1, dim=-1).indices
-        else:
-            received = self.attention_received[:, :, : self.length].clone()
-            # The most recent tokens are spared: they rank after every older entry.
-            recent = held >= self.seen - self.policy.recent
-            received[recent] += received.abs().amax() + 1.0
-            slot = received.argmin(dim=-1)
-        last = self.length - 1
-        index = slot[..., None, None].expand(*slot.shape, 1, self._key_buffer.shape[-1])
-        self._key_buffer.scatter_(2, index, self._key_buffer[:, :, last : last + 1].clone())
-        self._value_buffer.scatter_(2, index, self._value_buffer[:, :, last : last + 1].clone())
-        self.slot_positions.scatter_(2, slot[..., None], self.slot_positions[:, :, last : last + 1].clone())
-        if self.attention_received is not None:
-            self.attention_received.scatter_(
-                2, slot[..., None], self.attention_received[:, :, last : last + 1].clone()
-            )
-        self.length -= 1
-        self.evictions += 1
+    def ensure_steps(self, steps: int) -> None:
+        """Eager path only: make the plan (and buffer) cover `steps` decode steps, doubling when it must grow."""
+        if steps <= len(self.plan.slots):
+            return
+        self.plan = self.policy.plan(self.kept, self.prompt_length, max(steps, 2 * len(self.plan.slots)))
+        if self.plan.capacity > self.capacity:
+            self._grow(max(self.plan.capacity, 2 * self.capacity))
+        self._load_plan()
 
-    def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self._key_buffer.shape[-2])
-        for name in ("_key_buffer", "_value_buffer", "slot_positions", "attention_received"):
+    def _grow(self, capacity: int) -> None:
+        for name in ("keys", "values", "slot_positions", "attention_received"):
             old = getattr(self, name)
             if old is None:
                 continue
-            new = old.new_zeros(*old.shape[:2], capacity, *old.shape[3:])
-            new[:, :, : self.length] = old[:, :, : self.length]
-            setattr(self, name, new)
+            fill = -1 if name == "slot_positions" else 0
+            new = old.new_full((*old.shape[:2], capacity, *old.shape[3:]), fill)
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, _static(new))
         self.reallocations += 1
 
+    # --- what it holds ----------------------------------------------------------------------------------------
+
+    def length(self, steps: int) -> int:
+        """Valid entries after `steps` decode steps (host-side, from the plan: no device read)."""
+        if not self.compressed:
+            return self.seen
+        return self.plan.lengths[steps - 1] if steps else self.kept
+
+    def evictions(self, steps: int) -> int:
+        """Entries evicted during the first `steps` decode steps."""
+        if not self.compressed:
+            return 0
+        lengths = [self.kept, *self.plan.lengths[:steps]]
+        return sum(1 for a, b in zip(lengths, lengths[1:], strict=False) if a == b)
+
+    def held_positions(self, steps: int) -> torch.Tensor:
+        """Original positions of the entries held after `steps` decode steps: (batch, kv_heads, length), ascending."""
+        if not self.compressed:
+            return torch.arange(self.seen, device=self.keys.device).expand(*self.keys.shape[:2], -1)
+        return self.slot_positions[:, :, : self.length(steps)].sort(dim=-1).values
+
+    def nbytes(self, steps: int) -> int:
+        """Bytes of the entries held (keys + values)."""
+        if self.keys is None:
+            return 0
+        batch, heads, _, head_dim = self.keys.shape
+        return 2 * batch * heads * self.length(steps) * head_dim * self.keys.element_size()
+
+    def capacity_nbytes(self) -> int:
+        """Bytes allocated (keys + values), decode buffer included."""
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.compressed or (query_length == 1 and self.seen > 0):
-            # A mask over the new tokens only (see the module docstring). A single token sees every cached entry
-            # whether or not the layer is compressed yet; under `model.generate` the mask of the first decode step
-            # is built before the update that compresses the cache.
-            return query_length, self.seen
+        # Only consulted when another attention implementation builds a mask; the registered one masks each layer
+        # by its own length (module docstring).
         return self.seen + query_length, 0
 
     def get_seq_length(self) -> int:
@@ -219,85 +266,155 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.__init__(self.max_new_tokens)
 
-    def nbytes(self) -> int:
-        """Bytes of the entries held (keys + values)."""
-        if self.keys is None:
-            return 0
-        return 2 * self.keys[:, :, : self.length].numel() * self.keys.element_size()
-
-    def capacity_nbytes(self) -> int:
-        """Bytes allocated (keys + values), decode buffer included."""
-        if self._key_buffer is not None:
-            return 2 * self._key_buffer.numel() * self._key_buffer.element_size()
-        return self.nbytes()
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise ValueError(
+            "beam search is not supported with a compressed cache (it reorders the cache between steps); use greedy "
+            "or sampling"
+        )
 
 
 class PrefixKVCache(Cache):
     """The cache of every method: full during prefill, compressed by `method` at `budget` before decoding.
 
-    Scores arrive from the attention hooks (`prefixkv.capture`) during prefill; `compress()` then plans and applies
-    each layer's kept positions. With `model.generate`, compression happens by itself before the first decode step.
+    Prefill attention runs through `prefixkv.attention` (bound by `prefixkv.capture.bind`), which scores each layer
+    inside its own attention call. Where the method's per-layer sizes do not depend on the scores (every method but
+    online PrefixKV), each layer is compressed right after its own prefill attention, so the whole prompt's cache is
+    never held at once; otherwise `compress()` plans all layers after prefill (with `model.generate` it runs by
+    itself before the first decode step).
     """
 
-    def __init__(self, num_layers: int, *, method: Method, budget: float, max_new_tokens: int = 0):
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    def __init__(
+        self,
+        num_layers: int,
+        *,
+        method: Method,
+        budget: float,
+        max_new_tokens: int = 0,
+        timer: Timer | None = None,
+        compress_in_prefill: bool = True,
+    ):
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         super().__init__(layers=[CompressedLayer(max_new_tokens) for _ in range(num_layers)])
         self.method = method
         self.budget = check_budget(budget)
+        self.timer = check_timer(timer)
+        self.compress_in_prefill = compress_in_prefill
         self.scores: dict[int, torch.Tensor] = {}
-        self.timings = {"score": 0.0, "allocate": 0.0, "compact": 0.0}
+        self.sizes: list[int] | None = None  # per-layer kept counts, once known
+        self.step: torch.Tensor | None = None  # (1,) int64 on the device: the decode step being run (-1 before)
+        self.steps = 0  # host: decode steps taken
 
     @property
     def compressed(self) -> bool:
         return all(layer.compressed for layer in self.layers)
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        layer = self.layers[layer_idx]
+        return layer.prompt_length + self.steps if layer.compressed else layer.seen
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if layer_idx == 0 and key_states.shape[-2] == 1 and self.layers[0].seen > 0 and not self.compressed:
-            self.compress()  # first decode step under model.generate: prefill is over
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        decoding = self.compressed or (
+            layer_idx == 0 and key_states.shape[-2] == 1 and layer.seen > 0 and not layer.compressed
+        )
+        if not decoding:
+            return layer.update(key_states, value_states)
+        if key_states.shape[-2] != 1:
+            raise ValueError(
+                f"a compressed cache decodes one token per step, got a chunk of {key_states.shape[-2]}: layers have "
+                "different lengths, so no single attention mask fits a multi-token chunk"
+            )
+        if layer_idx == 0:
+            if not self.compressed:
+                self.compress()  # first decode step under model.generate: prefill is over
+            self.step.add_(1)
+            if not torch.compiler.is_compiling():
+                self.advance()
+                for each in self.layers:
+                    each.ensure_steps(self.steps)
+        out = layer.write(key_states, value_states, self.step)
+        if not torch.compiler.is_compiling() and layer.history is not None:
+            layer.history.append(layer.held_positions(self.steps))
+        return out
+
+    def advance(self) -> None:
+        """Host bookkeeping of one decode step (the compiled loop calls it after each compiled step)."""
+        self.steps += 1
+
+    def record_history(self) -> None:
+        """Append each recording layer's held positions (debugging and tests; reads the device)."""
+        for layer in self.layers:
+            if layer.history is not None:
+                layer.history.append(layer.held_positions(self.steps))
+
+    # --- compression ------------------------------------------------------------------------------------------
+
+    def layer_prefilled(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor) -> None:
+        """Called by the attention function after a layer's prefill attention: score the layer (queries
+        (batch, q_heads, s, head_dim), after RoPE, scaled for 1/sqrt(head_dim); keys (batch, kv_heads, n, head_dim))
+        and, where the sizes are known, compress it at once."""
+        if self.method.needs_scores:
+            window = self.method.query_window
+            with self.timer.region("score"):
+                scores = self.method.score(queries if window is None else queries[:, :, -window:], keys, layer_idx)
+            # With a chunked prefill the last chunk's scores win: its queries are the prompt's last ones.
+            self.scores[layer_idx] = scores
+        if not self.compress_in_prefill:
+            return
+        if self.sizes is None and not self.method.sizes_need_scores:
+            with self.timer.region("allocate"):
+                self.sizes = self.method.sizes(keys.shape[-2], len(self.layers), self.budget)
+        if self.sizes is not None:
+            self._compress_layer(layer_idx, self.sizes[layer_idx])
 
     def compress(self) -> None:
-        """Plan the kept positions of every layer with the method and compact the cache to them."""
+        """Plan the kept positions of every layer not compressed yet and compact the cache to them."""
         if self.compressed:
             return
         missing = [i for i, layer in enumerate(self.layers) if layer.keys is None]
         if missing:
             raise ValueError(f"cannot compress before prefill: layers {missing} hold nothing")
-        if self.method.needs_scores and len(self.scores) != len(self.layers):
-            absent = sorted(set(range(len(self.layers))) - set(self.scores))
+        pending = [i for i, layer in enumerate(self.layers) if not layer.compressed]
+        if self.method.needs_scores and any(i not in self.scores for i in pending):
+            absent = sorted(set(pending) - set(self.scores))
             raise ValueError(f"method {self.method.name!r} needs attention scores, but layers {absent} have none")
-        device = self.layers[0].keys.device
-        start = time.perf_counter()
-        scores = [
-            self.scores[i] if i in self.scores else layer.keys.new_zeros(layer.keys.shape[:3], dtype=torch.float32)
-            for i, layer in enumerate(self.layers)
-        ]
-        plan = self.method.plan(scores, self.budget)
-        synchronize(device)
-        planned = time.perf_counter()
-        for layer, positions in zip(self.layers, plan, strict=True):
+        if self.sizes is None:
+            with self.timer.region("allocate"):
+                self.sizes = self.method.allocate([self._scores(i) for i in range(len(self.layers))], self.budget)
+        for i in pending:
+            self._compress_layer(i, self.sizes[i])
+
+    def _scores(self, layer_idx: int) -> torch.Tensor:
+        if layer_idx in self.scores:
+            return self.scores[layer_idx]
+        keys = self.layers[layer_idx].keys
+        return keys.new_zeros(keys.shape[:3], dtype=torch.float32)
+
+    def _compress_layer(self, layer_idx: int, keep: int) -> None:
+        layer = self.layers[layer_idx]
+        with self.timer.region("allocate"):
+            positions = self.method.select(self._scores(layer_idx), keep)
+        with self.timer.region("compact"):
             layer.compress(positions.to(layer.keys.device), self.method.policy)
-        synchronize(device)
-        self.timings["allocate"] += planned - start
-        self.timings["compact"] += time.perf_counter() - planned
-        self.scores.clear()
+        self.scores.pop(layer_idx, None)
+        if self.step is None:
+            self.step = _static(torch.full((1,), -1, dtype=torch.long, device=layer.keys.device))
+
+    # --- what it holds ----------------------------------------------------------------------------------------
 
     def stats(self) -> CacheStats:
+        first = self.layers[0]
         return CacheStats(
-            prompt_length=self.layers[0].prompt_length if self.compressed else self.layers[0].seen,
-            kept=[self._kept(layer) for layer in self.layers],
-            held=[layer.length for layer in self.layers],
-            bytes=[layer.nbytes() for layer in self.layers],
+            prompt_length=first.prompt_length if self.compressed else first.seen,
+            kept=[layer.kept for layer in self.layers],
+            held=[layer.length(self.steps) for layer in self.layers],
+            bytes=[layer.nbytes(self.steps) for layer in self.layers],
             capacity_bytes=[layer.capacity_nbytes() for layer in self.layers],
-            evictions=[layer.evictions for layer in self.layers],
+            evictions=[layer.evictions(self.steps) for layer in self.layers],
             reallocations=sum(layer.reallocations for layer in self.layers),
             policy=self.method.policy.kind,
-            positions=[layer.held_positions() for layer in self.layers if layer.keys is not None],
+            positions=[layer.held_positions(self.steps) for layer in self.layers if layer.keys is not None],
         )
-
-    @staticmethod
-    def _kept(layer: CompressedLayer) -> int:
-        return layer.positions.shape[-1] if layer.positions is not None else layer.length

@@ -9,8 +9,7 @@ from torch import nn
 
 from prefixkv.allocation import prefix_allocation
 from prefixkv.budget import check_budget
-from prefixkv.capture import scoring_hooks
-from prefixkv.generation import _check_inputs, _prefill, make_cache
+from prefixkv.generation import prefill_scores
 from prefixkv.methods.base import layer_profiles
 from prefixkv.profile import Profile
 
@@ -42,11 +41,7 @@ def calibrate(
     sums: dict[float, list[float]] = {}
     count = 0
     for inputs in samples:
-        _check_inputs(inputs)
-        cache = make_cache(model, "uniform", 1.0, 0)  # uniform's scores are PrefixKV's
-        with scoring_hooks(model, cache):
-            _prefill(model, inputs, cache)
-        profiles = layer_profiles([cache.scores[i] for i in range(len(cache.layers))])
+        profiles = layer_profiles(prefill_scores(model, inputs, "uniform"))  # uniform's scores are PrefixKV's
         for b in budgets:
             ratios = layer_ratios(profiles, b, min_keep)
             sums[b] = [s + r for s, r in zip(sums.get(b, [0.0] * len(ratios)), ratios, strict=True)]

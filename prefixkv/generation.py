@@ -1,46 +1,83 @@
-"""Greedy generation with a compressed KV cache: prefill, score, compress, then decode one token at a time."""
+"""Greedy generation with a compressed KV cache: prefill (scoring and compressing as it goes), then one token per
+step through a static-shape decode step, eager or compiled.
+
+No function here reads a clock or synchronises the device: a caller that wants timings passes a `timer`
+(`prefixkv.timer`), whose regions "prefill", "score", "allocate", "compact" and "decode_step" mark exactly that work.
+With `compile=True` the decode step runs under `torch.compile(fullgraph=True)` - on CUDA with `mode="reduce-overhead"`,
+so that each step replays one CUDA graph instead of launching a kernel per operation from Python.
+"""
 
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from prefixkv.budget import check_budget
-from prefixkv.cache import CacheStats, PrefixKVCache, synchronize
-from prefixkv.capture import decoder_spec, scoring_hooks
+from prefixkv.cache import CacheStats, PrefixKVCache
+from prefixkv.capture import bind, decoder_spec
 from prefixkv.methods import Method, build_method
+from prefixkv.timer import Timer, check_timer
 
 
 @dataclass
 class GenerationOutput:
     """`sequences`: (batch, prompt + new) token ids, as `model.generate` returns them; `cache_stats`: the cache after
-    generation; `timings`: host-synchronised seconds - "prefill" (scoring included), "score", "allocate",
-    "compact", "decode" (all steps) and "decode_steps" (one per generated token after the first)."""
+    generation."""
 
     sequences: torch.Tensor
     cache_stats: CacheStats
-    timings: dict = field(default_factory=dict)
 
 
-def _check_inputs(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def check_inputs(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The `input_ids` of `inputs`, after checking what the compressed cache needs (ValueError/TypeError naming the
+    argument and the value)."""
+    decoder_spec(model)  # an unsupported model is named before its inputs
     if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
-        raise ValueError("inputs must be a dict with at least `input_ids` (what a tokenizer or processor returns)")
-    input_ids = inputs["input_ids"]
-    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must be (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
-    mask = inputs.get("attention_mask")
-    if mask is not None and not bool(mask.bool().all()):
-        raise ValueError(
-            "attention_mask has padding: the compressed cache needs equal prompt lengths within a batch "
-            "(group prompts by length, or run them one at a time)"
+        raise TypeError(
+            "inputs must be a dict with at least `input_ids` (what a tokenizer or processor returns), got "
+            f"{type(inputs).__name__}"
         )
+    input_ids = inputs["input_ids"]
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.shape[0] < 1:
+        raise ValueError(f"input_ids must be (batch, seq) with batch, seq >= 1, got shape {tuple(input_ids.shape)}")
+    if input_ids.device.type == "meta":
+        raise ValueError("input_ids is on the meta device: it holds no token ids")
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.device != input_ids.device:
+        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {parameter.device}")
+    vocab = getattr(model.config.get_text_config(decoder=True), "vocab_size", None)
+    vocab = vocab if isinstance(vocab, int) else None
+    # Range-checked where reading the ids costs no device sync (on a GPU an out-of-range id trips a device assert).
+    if input_ids.device.type == "cpu":
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values from {low} to {high}")
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(input_ids.shape):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+        if not bool(mask.bool().all()):  # the one host read at the door, before any work is queued
+            raise ValueError(
+                "attention_mask has padding: the compressed cache needs equal prompt lengths within a batch "
+                "(group prompts by length, or run them one at a time)"
+            )
     return input_ids
+
+
+def _check_count(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -49,31 +86,75 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def make_cache(
+    model: nn.Module,
+    method: str | Method,
+    budget: float,
+    max_new_tokens: int,
+    *,
+    timer: Timer | None = None,
+    compress_in_prefill: bool = True,
+    **method_kwargs,
+) -> PrefixKVCache:
+    """A `PrefixKVCache` sized for `model`, after checking every argument (ValueError names the bad one)."""
+    budget = check_budget(budget)
+    _check_count("max_new_tokens", max_new_tokens, 0)
+    spec = decoder_spec(model)
+    return PrefixKVCache(
+        spec.num_layers,
+        method=build_method(method, **method_kwargs),
+        budget=budget,
+        max_new_tokens=max_new_tokens,
+        timer=check_timer(timer),
+        compress_in_prefill=compress_in_prefill,
+    )
+
+
 def _prefill(model: nn.Module, inputs: Mapping[str, torch.Tensor], cache: PrefixKVCache) -> torch.Tensor:
-    """Run the prompt through the model (inside `scoring_hooks`, the cache is left uncompressed); return the
-    last position's logits (batch, vocab)."""
+    """Run the prompt through the model (bound to `cache`); return the last position's logits (batch, vocab)."""
     out = model(**inputs, **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float()
 
 
-def _step(model: nn.Module, token: torch.Tensor, cache: PrefixKVCache) -> torch.Tensor:
-    """Feed one token per sequence ((batch,) ids) at its true position; return its logits (batch, vocab)."""
-    position = torch.full((token.shape[0], 1), cache.get_seq_length(), device=token.device, dtype=torch.long)
-    out = model(input_ids=token[:, None], position_ids=position, **{cache_argument(model): cache}, use_cache=True)
+def _logits(model: nn.Module, cache: PrefixKVCache, token: torch.Tensor, position: torch.Tensor, argument: str):
+    """One decode step: `token` (batch, 1) ids at `position` (batch, 1); returns (batch, vocab) float32 logits."""
+    out = model(input_ids=token, position_ids=position, **{argument: cache}, use_cache=True)
     return out.logits[:, -1].float()
 
 
-def make_cache(
-    model: nn.Module, method: str | Method, budget: float, max_new_tokens: int, **method_kwargs
-) -> PrefixKVCache:
-    """A `PrefixKVCache` sized for `model`, after checking every argument (ValueError names the bad one)."""
-    budget = check_budget(budget)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    spec = decoder_spec(model)
-    return PrefixKVCache(
-        spec.num_layers, method=build_method(method, **method_kwargs), budget=budget, max_new_tokens=max_new_tokens
-    )
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_logits(device: torch.device):
+    """`_logits` under `torch.compile(fullgraph=True)`; CUDA graphs on CUDA. One compiled function per mode, so that
+    dynamo's cache (keyed on shapes and guards) is shared by every generation of a process."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_logits, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[mode]
+
+
+class Decoder:
+    """Feeds one token per sequence at its true position through a bound model and its compressed cache, eagerly or
+    compiled. Holds the position as a device tensor advanced in place: no host value changes between steps."""
+
+    def __init__(self, model: nn.Module, cache: PrefixKVCache, batch: int, compile: bool = False):
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
+        self.model, self.cache, self.compile = model, cache, compile
+        self.argument = cache_argument(model)
+        device = cache.step.device
+        self.position = torch.full((batch, 1), cache.get_seq_length(), dtype=torch.long, device=device)
+        self.fn = _compiled_logits(device) if compile else _logits
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        """`token`: (batch,) ids; returns their logits (batch, vocab) float32."""
+        logits = self.fn(self.model, self.cache, token[:, None], self.position, self.argument)
+        if self.compile:
+            self.cache.advance()  # the host half of the step, which a compiled graph cannot hold
+            self.cache.record_history()
+        self.position.add_(1)
+        return logits
 
 
 @torch.inference_mode()
@@ -84,6 +165,8 @@ def generate(
     method: str | Method,
     budget: float,
     max_new_tokens: int,
+    timer: Timer | None = None,
+    compile: bool = False,
     **method_kwargs,
 ) -> GenerationOutput:
     """Greedy generation of `max_new_tokens` tokens with the prompt's KV cache compressed by `method` at `budget`.
@@ -91,33 +174,24 @@ def generate(
     `inputs` is the dict a tokenizer or processor returns (`input_ids` (batch, seq), `attention_mask`,
     `pixel_values`, ...); all prompts of a batch must have the same length (no padding). Works for decoder-only
     models whose attention modules have q_proj/k_proj/v_proj (Llama, Mistral, Qwen2...) and for LLaVA.
+    `timer` marks the regions of the work (`prefixkv.timer`); `compile` runs the decode step compiled.
     """
-    input_ids = _check_inputs(inputs)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    cache = make_cache(model, method, budget, max_new_tokens, **method_kwargs)
-    device = input_ids.device
-
-    with scoring_hooks(model, cache):
-        synchronize(device)
-        start = time.perf_counter()
-        token = _prefill(model, inputs, cache).argmax(-1)
-        synchronize(device)
-        prefill = time.perf_counter() - start
-        cache.compress()
-
+    input_ids = check_inputs(model, inputs)
+    _check_count("max_new_tokens", max_new_tokens, 1)
+    cache = make_cache(model, method, budget, max_new_tokens, timer=timer, **method_kwargs)
+    timer = cache.timer
+    with bind(model, cache):
+        with timer.region("prefill"):
+            token = _prefill(model, inputs, cache).argmax(-1)
+            cache.compress()  # a no-op where every layer was compressed during prefill
+        decoder = Decoder(model, cache, input_ids.shape[0], compile)
         tokens = [token]
-        steps = []
         for _ in range(max_new_tokens - 1):
-            start = time.perf_counter()
-            token = _step(model, token, cache).argmax(-1)
-            synchronize(device)
-            steps.append(time.perf_counter() - start)
+            with timer.region("decode_step"):
+                token = decoder(token).argmax(-1)
             tokens.append(token)
-
-    timings = {"prefill": prefill, **cache.timings, "decode": sum(steps), "decode_steps": steps}
     sequences = torch.cat([input_ids, torch.stack(tokens, dim=1).to(input_ids.dtype)], dim=1)
-    return GenerationOutput(sequences=sequences, cache_stats=cache.stats(), timings=timings)
+    return GenerationOutput(sequences=sequences, cache_stats=cache.stats())
 
 
 @torch.inference_mode()
@@ -128,32 +202,57 @@ def continuation_logprobs(
     *,
     method: str | Method,
     budget: float,
+    compile: bool = False,
     **method_kwargs,
 ) -> torch.Tensor:
     """Log-probability of each token of `continuation` ((batch, T) ids) given the prompt and the tokens before it,
     with the prompt's cache compressed by `method` at `budget` (teacher forcing). Returns (batch, T) float32;
     perplexity is `exp(-mean)`.
     """
-    input_ids = _check_inputs(inputs)
+    input_ids = check_inputs(model, inputs)
+    if not isinstance(continuation, torch.Tensor):
+        raise TypeError(f"continuation must be a torch.Tensor of token ids, got {type(continuation).__name__}")
     if continuation.dim() != 2 or continuation.shape[0] != input_ids.shape[0] or continuation.shape[1] < 1:
         raise ValueError(
             f"continuation must be (batch={input_ids.shape[0]}, T>=1) token ids, got {tuple(continuation.shape)}"
         )
-    continuation = continuation.to(input_ids.device)
+    if continuation.is_floating_point() or continuation.is_complex() or continuation.dtype == torch.bool:
+        raise TypeError(f"continuation must hold integer token ids, got dtype {continuation.dtype}")
+    continuation = continuation.to(input_ids.device, torch.long)
     cache = make_cache(model, method, budget, continuation.shape[1], **method_kwargs)
-    with scoring_hooks(model, cache):
+    with bind(model, cache):
         logits = _prefill(model, inputs, cache)
         cache.compress()
+        decoder = Decoder(model, cache, input_ids.shape[0], compile)
         logprobs = [torch.log_softmax(logits, -1).gather(-1, continuation[:, :1])]
         for t in range(1, continuation.shape[1]):
-            logits = _step(model, continuation[:, t - 1], cache)
+            logits = decoder(continuation[:, t - 1])
             logprobs.append(torch.log_softmax(logits, -1).gather(-1, continuation[:, t : t + 1]))
     return torch.cat(logprobs, dim=1)
 
 
+@torch.inference_mode()
+def prefill_scores(model: nn.Module, inputs: Mapping[str, torch.Tensor], method: str | Method = "uniform"):
+    """Each layer's importance scores for one prompt ((batch, kv_heads, n) float32 per layer), from `method`'s
+    scorer during an uncompressed prefill; calibration reads them."""
+    check_inputs(model, inputs)
+    cache = make_cache(model, method, 1.0, 0, compress_in_prefill=False)
+    if not cache.method.needs_scores:
+        raise ValueError(f"method {cache.method.name!r} does not score the prompt")
+    with bind(model, cache):
+        _prefill(model, inputs, cache)
+    return [cache.scores[i] for i in range(len(cache.layers))]
+
+
 @contextmanager
 def attach(
-    model: nn.Module, *, method: str | Method, budget: float, max_new_tokens: int = 0, **method_kwargs
+    model: nn.Module,
+    *,
+    method: str | Method,
+    budget: float,
+    max_new_tokens: int = 0,
+    timer: Timer | None = None,
+    **method_kwargs,
 ) -> Iterator[PrefixKVCache]:
     """Use a compressed cache with `model.generate`::
 
@@ -162,9 +261,9 @@ def attach(
 
     (`past_key_values=cache` before transformers 5.2x.)
 
-    The cache compresses itself before the first decode step. Needs one `generate` call per cache, greedy or
-    sampling (beam search reorders the cache and is not supported), and prompts of equal length.
+    The cache compresses itself during prefill (or before the first decode step). Needs one `generate` call per
+    cache, greedy or sampling (beam search reorders the cache: it raises), and prompts of equal length.
     """
-    cache = make_cache(model, method, budget, max_new_tokens, **method_kwargs)
-    with scoring_hooks(model, cache):
+    cache = make_cache(model, method, budget, max_new_tokens, timer=timer, **method_kwargs)
+    with bind(model, cache):
         yield cache

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import prefixkv
-from prefixkv.capture import scoring_hooks
-from prefixkv.generation import _prefill, _step, cache_argument, make_cache
+from prefixkv.capture import bind
+from prefixkv.generation import Decoder, _prefill, cache_argument, make_cache
 from tests.models import llava_inputs, text_inputs, tiny_llama, tiny_llava
 from tests.oracle import oracle_logits
 
@@ -27,22 +29,43 @@ def llava():
     return tiny_llava()
 
 
-def compressed_logits(model, inputs, method, budget, tokens, **kwargs):
+def compressed_logits(model, inputs, method, budget, tokens, *, compile=False, **kwargs):
     """Decode `tokens` (batch, T) with a compressed cache; logits (batch, T - 1, vocab) after each of the first
     T - 1 tokens, and the cache."""
     cache = make_cache(model, method, budget, tokens.shape[1], **kwargs)
     for layer in cache.layers:
         layer.history = []
-    with torch.no_grad(), scoring_hooks(model, cache):
+    with torch.no_grad(), bind(model, cache):
         _prefill(model, inputs, cache)
         cache.compress()
-        logits = [_step(model, tokens[:, t], cache) for t in range(tokens.shape[1] - 1)]
+        decoder = Decoder(model, cache, tokens.shape[0], compile)
+        logits = [decoder(tokens[:, t]) for t in range(tokens.shape[1] - 1)]
     return torch.stack(logits, dim=1), cache
 
 
 def prefill(model, inputs, cache):
-    with scoring_hooks(model, cache):
+    with bind(model, cache):
         _prefill(model, inputs, cache)
+
+
+def steps(model, cache, token, n):
+    """Feed `token` ((batch,) ids) and then `n - 1` greedy tokens through a prefilled, compressed cache."""
+    with bind(model, cache):
+        decoder = Decoder(model, cache, token.shape[0])
+        for _ in range(n):
+            token = decoder(token).argmax(-1)
+    return token
+
+
+class RegionCounter:
+    """A test timer: counts how often each region was entered."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def region(self, name):
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return contextlib.nullcontext()
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -78,10 +101,11 @@ def test_oracle_detects_wrong_positions(llama):
     with torch.no_grad():
         prefill(llama, inputs, cache)
         cache.compress()
-        wrong = cache.layers[0].length
+        wrong = cache.layers[0].kept
         position = torch.tensor([[wrong]])
         argument = cache_argument(llama)
-        logits = llama(input_ids=generated[:, :1], position_ids=position, **{argument: cache}).logits[:, -1]
+        with bind(llama, cache):
+            logits = llama(input_ids=generated[:, :1], position_ids=position, **{argument: cache}).logits[:, -1]
     expected = oracle_logits(llama, inputs, generated, [layer.positions for layer in cache.layers])[:, 0]
     assert (logits - expected).abs().max() > 1e-2
 
@@ -90,7 +114,7 @@ def test_oracle_detects_wrong_positions(llama):
 def test_cache_holds_allocated_counts_in_order(llama, method):
     inputs = text_inputs(batch=2, seq=40)
     budget = 0.25
-    cache = make_cache(llama, method, budget, NEW_TOKENS)
+    cache = make_cache(llama, method, budget, NEW_TOKENS, compress_in_prefill=False)
     with torch.no_grad():
         prefill(llama, inputs, cache)
         scores = [cache.scores.get(i) for i in range(3)]
@@ -104,30 +128,61 @@ def test_cache_holds_allocated_counts_in_order(llama, method):
         pos = layer.positions
         assert pos.shape[:2] == (2, 2)
         assert bool((pos[..., 1:] > pos[..., :-1]).all()), "kept positions must stay in original order"
-        assert layer.keys.shape[-2] == pos.shape[-1]
+        assert layer.capacity >= pos.shape[-1] + NEW_TOKENS - 1
+        assert bool((layer.keys[:, :, pos.shape[-1] :] == 0).all()), "unused slots must be zero, never garbage"
     if method in ("prefixkv", "uniform"):
         assert all(s is not None for s in scores)
 
 
 def test_compacted_entries_are_the_kept_ones(llama):
     inputs = text_inputs(batch=2, seq=40)
-    cache = make_cache(llama, "h2o", 0.3, NEW_TOKENS)
+    cache = make_cache(llama, "h2o", 0.3, NEW_TOKENS, compress_in_prefill=False)
     with torch.no_grad():
         prefill(llama, inputs, cache)
         full_keys = [layer.keys.clone() for layer in cache.layers]
         cache.compress()
     for layer, keys in zip(cache.layers, full_keys, strict=False):
         idx = layer.positions[..., None].expand(-1, -1, -1, keys.shape[-1])
-        torch.testing.assert_close(layer.keys, torch.gather(keys, 2, idx), atol=0, rtol=0)
+        kept = layer.positions.shape[-1]
+        torch.testing.assert_close(layer.keys[:, :, :kept], torch.gather(keys, 2, idx), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["uniform", "h2o", "snapkv", "streaming_llm", "pyramidkv"])
+def test_compression_during_prefill_equals_compression_after(llama, method):
+    """Layers compressed right after their own prefill attention hold exactly what `compress()` after prefill keeps,
+    and never hold every layer's full prompt cache at once."""
+    inputs = text_inputs(batch=2, seq=40)
+    late = make_cache(llama, method, 0.3, NEW_TOKENS, compress_in_prefill=False)
+    early = make_cache(llama, method, 0.3, NEW_TOKENS)
+    with torch.no_grad():
+        prefill(llama, inputs, late)
+        assert not any(layer.compressed for layer in late.layers)
+        late.compress()
+        prefill(llama, inputs, early)
+    assert early.compressed, "sizes known up front: each layer compresses during prefill"
+    for a, b in zip(early.layers, late.layers, strict=True):
+        assert torch.equal(a.positions, b.positions)
+        assert torch.equal(a.keys, b.keys)
+
+
+def test_online_prefixkv_compresses_after_prefill(llama):
+    inputs = text_inputs(batch=1, seq=40)
+    cache = make_cache(llama, "prefixkv", 0.3, NEW_TOKENS)
+    with torch.no_grad():
+        prefill(llama, inputs, cache)
+    assert not any(layer.compressed for layer in cache.layers), "online PrefixKV needs every layer's scores first"
+    assert sorted(cache.scores) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_decode_runs_to_max_new_tokens_without_reallocating(llama, method):
     inputs = text_inputs(batch=2, seq=40)
-    out = prefixkv.generate(llama, inputs, method=method, budget=0.2, max_new_tokens=12)
+    timer = RegionCounter()
+    out = prefixkv.generate(llama, inputs, method=method, budget=0.2, max_new_tokens=12, timer=timer)
     assert out.sequences.shape == (2, 52)
     assert out.cache_stats.reallocations == 0
-    assert len(out.timings["decode_steps"]) == 11
+    assert timer.counts["decode_step"] == 11
+    assert timer.counts["prefill"] == 1
     head_bytes = 2 * 2 * 16 * 4  # batch x kv_heads x head_dim x fp32
     assert out.cache_stats.bytes == [2 * (k + 11) * head_bytes for k in out.cache_stats.kept]
 
@@ -138,11 +193,9 @@ def test_buffer_is_written_in_place(llama):
     with torch.no_grad():
         prefill(llama, inputs, cache)
         cache.compress()
-        buffers = [layer._key_buffer.data_ptr() for layer in cache.layers]
-        token = torch.tensor([5])
-        for _ in range(4):
-            token = _step(llama, token, cache).argmax(-1)
-    assert [layer._key_buffer.data_ptr() for layer in cache.layers] == buffers
+        buffers = [layer.keys.data_ptr() for layer in cache.layers]
+        steps(llama, cache, torch.tensor([5]), 4)
+    assert [layer.keys.data_ptr() for layer in cache.layers] == buffers
     assert cache.stats().reallocations == 0
 
 
@@ -152,11 +205,9 @@ def test_overrun_grows_instead_of_failing(llama):
     with torch.no_grad():
         prefill(llama, inputs, cache)
         cache.compress()
-        token = torch.tensor([5])
-        for _ in range(3):
-            token = _step(llama, token, cache).argmax(-1)
+        steps(llama, cache, torch.tensor([5]), 3)
     assert cache.stats().reallocations > 0
-    assert cache.layers[0].length == 10 + 3
+    assert cache.stats().held[0] == 10 + 3
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -217,6 +268,33 @@ def test_multi_token_chunk_after_compression_is_refused(llama):
     with torch.no_grad():
         prefill(llama, inputs, cache)
         cache.compress()
-        with pytest.raises(ValueError, match="one token per step"):
+        with bind(llama, cache), pytest.raises(ValueError, match="one token per step"):
             llama(input_ids=torch.tensor([[1, 2]]), **{cache_argument(llama): cache})
 
+
+
+class _PrefillWatch:
+    """A timer that notes, whenever a layer is compacted, how many layers hold their full prompt cache."""
+
+    def __init__(self):
+        self.cache = None
+        self.full_layers: list[int] = []
+
+    def region(self, name):
+        if name == "compact":
+            held = [layer for layer in self.cache.layers if layer.keys is not None and not layer.compressed]
+            self.full_layers.append(len(held))
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("uniform", {}), ("snapkv", {"window": 8}), ("pyramidkv", {})])
+def test_prefill_holds_one_full_layer_at_a_time(method, kwargs):
+    """Peak memory of prefill: weights + the compressed layers so far + one layer's full prompt cache."""
+    model = tiny_llama(layers=6)
+    watch = _PrefillWatch()
+    cache = make_cache(model, method, 0.25, 4, timer=watch, **kwargs)
+    watch.cache = cache
+    with torch.no_grad():
+        prefill(model, text_inputs(batch=1, seq=40), cache)
+    assert watch.full_layers == [1] * 6
+    assert cache.compressed

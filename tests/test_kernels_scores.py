@@ -179,3 +179,14 @@ def test_numpy_integers_and_floats_are_accepted():
     q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
     expected = attention_scores_ref(q, k, window=2, scale=0.5)
     torch.testing.assert_close(attention_scores(q, k, window=np.int64(2), scale=np.float32(0.5)), expected)
+
+
+def test_fp32_tunes_only_small_blocks():
+    """First-call cost: fp32 ("ieee" dot) autotunes over the small-block configs only; fp16/bf16 over all."""
+    from kernels.scores import LSE_CONFIGS, SCORE_CONFIGS, _prune_fp32
+
+    for configs in (LSE_CONFIGS, SCORE_CONFIGS):
+        fp32 = _prune_fp32(configs, {"q_ptr": torch.empty(1)})
+        assert 0 < len(fp32) < len(configs)
+        assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in fp32)
+        assert _prune_fp32(configs, {"q_ptr": torch.empty(1, dtype=torch.float16)}) == configs

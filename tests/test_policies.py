@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import prefixkv
-from prefixkv.policy import DecodePolicy
+from prefixkv.policy import FixedPosition, Grow, decode_policy
 from tests.models import text_inputs, tiny_llama
 from tests.oracle import oracle_logits
 from tests.test_cache import compressed_logits
@@ -40,7 +40,7 @@ def test_budget_held_every_step_and_oracle(llama, method, policy):
             assert held.shape[-1] <= math.ceil(ratio * seen) + 1, f"step {t}: {held.shape[-1]} entries"
             assert bool((held[..., 1:] > held[..., :-1]).all()), "a position is held twice"
             assert int(held.max()) == seen - 1, "the newest token must be held"
-        assert layer.evictions > 0
+        assert layer.evictions(cache.steps) > 0
         assert layer.reallocations == 0
     expected = oracle_logits(llama, inputs, generated, [layer.history for layer in cache.layers])
     torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
@@ -96,6 +96,7 @@ def test_bad_policy(kwargs, message):
 
 
 def test_capacity_is_the_policy_limit():
-    policy = DecodePolicy("fixed_position")
+    policy = FixedPosition()
     assert policy.capacity(kept=10, prompt=40, max_new_tokens=100) == math.ceil(0.25 * 140) + 1
-    assert DecodePolicy().capacity(kept=10, prompt=40, max_new_tokens=100) == 110
+    assert Grow().capacity(kept=10, prompt=40, max_new_tokens=100) == 110
+    assert decode_policy("fixed_position", distance=3) == FixedPosition(3)

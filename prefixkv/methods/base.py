@@ -15,7 +15,7 @@ import torch
 
 from prefixkv.allocation import uniform_allocation
 from prefixkv.budget import check_budget
-from prefixkv.policy import DecodePolicy
+from prefixkv.policy import decode_policy
 from prefixkv.scoring import key_importance
 
 
@@ -46,7 +46,7 @@ class Method:
         if not isinstance(self.min_keep, int) or self.min_keep < 1:
             raise ValueError(f"{self.name}: min_keep must be an integer >= 1, got {self.min_keep!r}")
         try:
-            self.policy = DecodePolicy(self.decode, self.decode_distance, self.decode_recent)
+            self.policy = decode_policy(self.decode, self.decode_distance, self.decode_recent)
         except ValueError as err:
             raise ValueError(f"{self.name}: {err}") from None
 
@@ -69,6 +69,18 @@ class Method:
     def allocate(self, scores: Sequence[torch.Tensor], budget: float) -> list[int]:
         """Kept entries per layer; `scores` is one (batch, kv_heads, n) tensor per layer."""
         return uniform_allocation(layer_profiles(scores), budget, min_keep=self.min_keep)
+
+    @property
+    def sizes_need_scores(self) -> bool:
+        """True when `allocate` reads the scores' values, not only their shapes. Where it is False, per-layer sizes
+        are known before the prompt is scored, and each layer is compressed right after its own prefill attention."""
+        return False
+
+    def sizes(self, n: int, layers: int, budget: float) -> list[int]:
+        """Kept entries per layer for an `n`-entry prompt, without scores (only where `sizes_need_scores` is False)."""
+        if self.sizes_need_scores:
+            raise ValueError(f"{self.name}: per-layer sizes depend on the scores")
+        return self.allocate([torch.zeros(1, 1, n)] * layers, budget)
 
     def select(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         """The `keep` entries to retain: (batch, kv_heads, keep) int64 positions, ascending."""

@@ -34,6 +34,11 @@ class PrefixKV(Uniform):
         if self.profile is not None and not isinstance(self.profile, Profile):
             self.profile = Profile.load(self.profile)
 
+    @property
+    def sizes_need_scores(self) -> bool:
+        # Online, the search reads this prompt's scores; with a calibration profile the sizes are known up front.
+        return self.profile is None
+
     def allocate(self, scores: Sequence[torch.Tensor], budget: float) -> list[int]:
         if self.profile is None:
             return prefix_allocation(layer_profiles(scores), budget, min_keep=self.min_keep)

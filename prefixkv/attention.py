@@ -1,0 +1,80 @@
+"""The attention function a compressed cache runs under: prefill attention that scores as it goes, and a decode
+attention over each layer's static buffer masked to its own valid length.
+
+It is registered with transformers' `AttentionInterface` as "prefixkv" and selected for the duration of a
+`prefixkv.capture.bind` block; transformers builds no mask for it (the name has no mask function), so every mask is
+made here from what the cache knows. Shapes: queries (batch, q_heads, s, head_dim) after RoPE; keys and values
+(batch, kv_heads, n, head_dim); the output (batch, s, q_heads, head_dim), as transformers expects.
+
+Scoring happens inside the attention call, from the post-RoPE queries the model already computed: no projection or
+RoPE is recomputed, and no forward hook is needed. Under the `score` decode policy the decode attention is computed
+explicitly so that its probabilities can be accumulated per slot without a second pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+NAME = "prefixkv"
+#: The attribute `bind` sets on each decoder attention module: the cache it reads and writes.
+BOUND = "_prefixkv_cache"
+
+
+def attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature; modules without a bound cache (a vision tower) get plain SDPA."""
+    cache = getattr(module, BOUND, None)
+    if cache is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    head_dim = query.shape[-1]
+    scaling = 1.0 / math.sqrt(head_dim) if scaling is None else scaling
+    layer = cache.layers[module.layer_idx]
+    if layer.compressed:
+        out = decode_attention(query, key, value, layer.valid(cache.step), scaling, layer)
+    else:
+        out = prefill_attention(query, key, value, scaling)
+        # Scaled so that the scorers' default 1/sqrt(head_dim) reproduces the module's own scaling.
+        cache.layer_prefilled(module.layer_idx, query * (scaling * math.sqrt(head_dim)), key)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal attention of the last s of n positions (a chunk sees every earlier key). Returns (batch, q_heads, s,
+    head_dim)."""
+    s, n = query.shape[2], key.shape[2]
+    if s == n:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    mask = torch.ones(s, n, dtype=torch.bool, device=query.device).tril(n - s)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+
+
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, scaling: float, layer
+) -> torch.Tensor:
+    """One query per sequence over a layer's whole buffer, masked to `valid` ((capacity,) bool). Returns
+    (batch, q_heads, 1, head_dim). Under a policy that needs decode attention, its probabilities summed over each KV
+    group are added to the layer's `attention_received`."""
+    if not layer.policy.needs_attention:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=valid[None], scale=scaling, enable_gqa=True)
+    batch, q_heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.view(batch, kv_heads, q_heads // kv_heads, head_dim)  # one query per head: s = 1
+    logits = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling  # (batch, kv_heads, group, capacity)
+    probs = logits.masked_fill(~valid, float("-inf")).softmax(-1)
+    layer.accumulate_attention(probs.sum(2))
+    return torch.matmul(probs.to(value.dtype), value).view(batch, q_heads, 1, head_dim)
