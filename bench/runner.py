@@ -159,12 +159,20 @@ def _signals_interrupt():
         yield
         return
 
+    received: list[int] = []
+
     def handler(signum, frame):
+        received.append(signum)
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
+    except KeyboardInterrupt as err:
+        if received and not isinstance(err, Interrupted):
+            # Raised inside a library's blocking call (Ray's wait), which re-raises it as a plain KeyboardInterrupt.
+            raise Interrupted(received[-1]) from None
+        raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
