@@ -201,20 +201,25 @@ def sweep(
     run_id = new_run_id()
     results = store.check_writable_dir(results, "results directory")
     outcomes: list[Outcome] = []
-    with _signals_interrupt(), store.Lock(results, run_id):
-        # Under the lock no other sweep writes here: any temporary file or scratch folder is a killed run's leftover.
-        store.remove_stale(results)
-        try:
-            with executor:
-                return _sweep_locked(cells, results, force, matrix_name, console, executor, run_id, outcomes)
-        except store.StoreError as err:
-            ran = sum(o.status != "skipped" for o in outcomes)
-            raise store.StoreError(
-                f"{err}; the sweep stopped after {ran} of {len(cells)} cells (those are kept: free space and re-run "
-                "to resume)"
-            ) from None
-        finally:
-            store.remove_stale(results, owner=run_id)
+    # Started before the lock is taken (the local executor's fingerprint runs git; Ray connects), as before executors.
+    executor.start()
+    try:
+        with _signals_interrupt(), store.Lock(results, run_id):
+            # Under the lock no other sweep writes here: a temporary file or scratch folder is a killed run's leftover.
+            store.remove_stale(results)
+            try:
+                with executor:
+                    return _sweep_locked(cells, results, force, matrix_name, console, executor, run_id, outcomes)
+            except store.StoreError as err:
+                ran = sum(o.status != "skipped" for o in outcomes)
+                raise store.StoreError(
+                    f"{err}; the sweep stopped after {ran} of {len(cells)} cells (those are kept: free space and "
+                    "re-run to resume)"
+                ) from None
+            finally:
+                store.remove_stale(results, owner=run_id)
+    finally:
+        executor.close()
 
 
 def _sweep_locked(cells, results, force, matrix_name, console, executor, run_id, outcomes) -> list[Outcome]:
