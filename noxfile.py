@@ -22,7 +22,8 @@ nox.options.reuse_existing_virtualenvs = True
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (CPU: torch references and the Triton interpreter; `gpu` tests skip without CUDA)."""
-    _install(session, ".[test]")
+    # `fleet` (Ray, a ~80 MB wheel, ~20 s to install) so that tests/test_bench_ray.py runs rather than skips.
+    _install(session, ".[test,fleet]")
     session.run("pytest", *(session.posargs or ["-q"]))
 
 

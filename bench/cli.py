@@ -1,10 +1,12 @@
-"""The command line: `python -m bench run | report | compare`.
+"""The command line: `python -m bench run | report | compare | merge`.
 
 Bad input (a malformed matrix, an unknown method, a budget outside (0, 1], a model that cannot be built, a missing
 results directory, an output path that is a file, a directory or read-only, a results directory another runner
 holds) is one line on stderr and exit code 2, before any cell runs. Ctrl-C is one line and exit code 130 (SIGTERM:
 143); a part that cannot be written (disk full) stops the sweep with one line and exit code 1. `compare` exits 0 (no
 regression), 1 (regression), 2 (bad input or an unusable store), 3 (a baseline cell missing or failed in current).
+`run --executor ray` without Ray installed, or with a cluster that cannot be reached, is one line and exit code 2.
+`merge` exits 0 (1 when a part could not be written), printing one line per conflict or invalid part.
 """
 
 from __future__ import annotations
@@ -48,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="re-run cells already in the store")
     run.add_argument("--strict", action="store_true", help="exit 1 when any cell fails (CI)")
     run.add_argument("--dry-run", action="store_true", help="list the cells and their keys, run nothing")
+    run.add_argument(
+        "--executor", choices=("local", "ray"), default="local",
+        help="local: one cell after another on this machine (default); ray: cells as Ray tasks on the GPUs and "
+        "machines of a Ray cluster (pip install 'prefixkv-bench[fleet]')",
+    )
+    run.add_argument(
+        "--address", help="with --executor ray: the cluster to use (auto, HOST:PORT or ray://HOST:10001); default: "
+        "start a Ray instance on this machine",
+    )
+    run.add_argument(
+        "--resources", help="with --executor ray: custom resources every cell's task asks for, e.g. H100=1 (declared "
+        "by `ray start --resources`), steering the matrix to one kind of machine",
+    )
 
     report = verbs.add_parser("report", help="render a results store as a self-contained HTML report")
     report.add_argument("--results", required=True, action="append", help="results directory (repeatable: merged)")
@@ -74,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         help="absolute times (same machine), times relative to the same run's `full` cell, or auto (absolute "
         "when both stores come from the same machine)",
     )
+
+    merge = verbs.add_parser(
+        "merge", help="merge results stores (several machines or GPU kinds) into one, keyed by cell and machine",
+    )
+    merge.add_argument("sources", nargs="+", metavar="SRC", help="results directories to merge from (only read)")
+    merge.add_argument("--into", required=True, help="results directory to merge into (created if needed)")
     return parser
 
 
@@ -95,6 +116,27 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _executor(args: argparse.Namespace):
+    """The executor `run` asked for, started (Ray connected) so that its errors are bad input, before any cell runs."""
+    from bench.executor import ExecutorError, LocalExecutor, RayExecutor, parse_resources
+
+    if args.executor == "local":
+        for flag, value in (("--address", args.address), ("--resources", args.resources)):
+            if value is not None:
+                raise BadInput(f"{flag} needs --executor ray")
+        return LocalExecutor()
+    try:
+        resources = parse_resources(args.resources) if args.resources else None
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    executor = RayExecutor(args.address, resources)
+    try:
+        executor.start()
+    except ExecutorError as err:
+        raise BadInput(str(err)) from None
+    return executor
+
+
 def _run(args: argparse.Namespace) -> int:
     from bench import matrix as matrix_mod
     from bench import models, store
@@ -102,8 +144,14 @@ def _run(args: argparse.Namespace) -> int:
     mx = matrix_mod.load(args.matrix, _overrides(args))
     for spec in mx.models:
         models.check(spec)
-    # A dry run lists what would run, so it can be planned on a machine without the GPU.
-    if not args.dry_run and any(d.startswith("cuda") for d in mx.devices):
+    if args.executor == "ray":
+        pinned = [d for d in mx.devices if d.startswith("cuda:")]
+        if pinned:
+            raise BadInput(f"device {pinned[0]!r}: with --executor ray, Ray gives each CUDA cell one GPU of its own; "
+                           "use devices = ['cuda']")
+    # A dry run lists what would run, so it can be planned on a machine without the GPU; with Ray the GPUs are the
+    # cluster's, checked below.
+    elif not args.dry_run and any(d.startswith("cuda") for d in mx.devices):
         import torch
 
         count = torch.cuda.device_count()
@@ -120,21 +168,55 @@ def _run(args: argparse.Namespace) -> int:
             print(cell.key, cell.label)
         return 0
 
+    from bench.executor import ExecutorError
     from bench.runner import sweep
 
     # Last of the checks (it creates the directory), still before any cell runs.
     _preflight(lambda: store.check_writable_dir(args.results, "results directory"))
+    executor = _executor(args)
     try:
-        outcomes = sweep(cells, args.results, force=args.force, matrix_name=mx.name)
+        if args.executor == "ray":
+            for line in executor.infeasible(cells):
+                # A cluster that was given may grow (an autoscaler adds the node); the instance started here cannot.
+                if executor.local_instance:
+                    raise BadInput(line)
+                print(f"bench run: warning: {line}; its cells wait until such a node joins", file=sys.stderr)
+        outcomes = sweep(cells, args.results, force=args.force, matrix_name=mx.name, executor=executor)
     except store.StoreLocked as err:
+        raise BadInput(str(err)) from None
+    except ExecutorError as err:
         raise BadInput(str(err)) from None
     except store.StoreError as err:
         print(f"bench run: error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        executor.close()
     failed = [o for o in outcomes if o.status not in ("ok", "skipped")]
     ran = sum(o.status != "skipped" for o in outcomes)
     print(f"{ran} cells run, {len(outcomes) - ran} skipped, {len(failed)} failed; results in {args.results}")
     return 1 if args.strict and failed else 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from bench import store
+
+    for d in args.sources:
+        if not Path(d).is_dir():
+            raise BadInput(f"results directory {d!r} does not exist")
+    _preflight(lambda: store.check_writable_dir(args.into, "--into"))
+    try:
+        merged = store.merge(args.sources, args.into)
+    except store.StoreLocked as err:
+        raise BadInput(str(err)) from None
+    except store.StoreError as err:
+        print(f"bench merge: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    for line in merged.lines:
+        print(line)
+    print(f"{merged.copied + merged.replaced} parts merged into {args.into} ({merged.copied} new, {merged.replaced} "
+          f"replacing older runs), {merged.identical} already there, {merged.kept} conflicts kept the newer part "
+          f"already there, {merged.invalid} invalid skipped")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -183,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.runner import Interrupted
 
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "report": _report, "compare": _compare}
+    handlers = {"run": _run, "report": _report, "compare": _compare, "merge": _merge}
     try:
         return handlers[args.verb](args)
     except (BadInput, MatrixError, ModelError) as err:

@@ -1,5 +1,9 @@
 """The sweep: each cell in its own subprocess, its part written to the store as soon as it finishes.
 
+Cells run on an executor (`bench.executor`): one after another on this machine (`local`, the default), or as Ray
+tasks on the GPUs and machines of a Ray cluster (`ray`), each still in its own subprocess on its worker. Either way
+the rows come back here and this process alone writes the store, so what follows holds for both.
+
 A cell that raises, runs out of memory, crashes the interpreter (segfault, os._exit, CUDA error) or outlives its
 timeout is recorded as that cell's outcome with the error, and the sweep goes on. Cells whose part already exists
 (and is valid) for this machine are skipped (`force` re-runs them), so an interrupted sweep - even by kill -9 -
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -40,8 +45,10 @@ from rich.progress import (
 
 import bench
 from bench import store
-from bench.environment import fingerprint
 from bench.matrix import Cell
+
+if TYPE_CHECKING:
+    from bench.executor import Executor, Finished
 
 #: Where `import bench` came from: the child must import the same code (also when reached through symlinks).
 _PACKAGE_ROOT = str(Path(bench.__file__).parent.parent)
@@ -50,7 +57,7 @@ _PACKAGE_ROOT = str(Path(bench.__file__).parent.parent)
 @dataclass
 class Outcome:
     cell: Cell
-    status: str  # ok | skipped | error | oom | crash | timeout
+    status: str  # ok | skipped | error | oom | crash | timeout | lost (Ray: the worker died twice)
     error: str | None = None
     rows: int = 0
 
@@ -152,12 +159,20 @@ def _signals_interrupt():
         yield
         return
 
+    received: list[int] = []
+
     def handler(signum, frame):
+        received.append(signum)
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
+    except KeyboardInterrupt as err:
+        if received and not isinstance(err, Interrupted):
+            # Raised inside a library's blocking call (Ray's wait), which re-raises it as a plain KeyboardInterrupt.
+            raise Interrupted(received[-1]) from None
+        raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -171,34 +186,44 @@ def sweep(
     matrix_name: str = "",
     console: Console | None = None,
     python: str = sys.executable,
+    executor: Executor | None = None,
 ) -> list[Outcome]:
-    """Run `cells` (skipping those already in `results` for this machine unless `force`); one part per cell.
+    """Run `cells` (skipping those already in `results` from a machine the executor runs on, unless `force`); one part
+    per cell, written here, by the driver, whichever executor ran the cell (`LocalExecutor(python)` by default).
 
     Holds the store's lock throughout (a second runner fails with `store.StoreLocked`). A part that cannot be written
     (disk full) stops the sweep with `store.StoreError`; Ctrl-C raises KeyboardInterrupt and SIGTERM/SIGHUP
-    `Interrupted`, after the cell in hand is killed. Finished parts are kept in every case."""
+    `Interrupted`, after the cells in hand are killed. Finished parts are kept in every case."""
+    from bench.executor import LocalExecutor
+
     console = console or Console(stderr=True)
-    env = fingerprint()
+    executor = executor or LocalExecutor(python)
     run_id = new_run_id()
     results = store.check_writable_dir(results, "results directory")
     outcomes: list[Outcome] = []
-    with _signals_interrupt(), store.Lock(results, run_id):
-        # Under the lock no other sweep writes here: any temporary file or scratch folder is a killed run's leftover.
-        store.remove_stale(results)
-        try:
-            return _sweep_locked(cells, results, force, matrix_name, console, python, env, run_id, outcomes)
-        except store.StoreError as err:
-            ran = sum(o.status != "skipped" for o in outcomes)
-            raise store.StoreError(
-                f"{err}; the sweep stopped after {ran} of {len(cells)} cells (those are kept: free space and re-run "
-                "to resume)"
-            ) from None
-        finally:
-            store.remove_stale(results, owner=run_id)
+    # Started before the lock is taken (the local executor's fingerprint runs git; Ray connects), as before executors.
+    executor.start()
+    try:
+        with _signals_interrupt(), store.Lock(results, run_id):
+            # Under the lock no other sweep writes here: a temporary file or scratch folder is a killed run's leftover.
+            store.remove_stale(results)
+            try:
+                with executor:
+                    return _sweep_locked(cells, results, force, matrix_name, console, executor, run_id, outcomes)
+            except store.StoreError as err:
+                ran = sum(o.status != "skipped" for o in outcomes)
+                raise store.StoreError(
+                    f"{err}; the sweep stopped after {ran} of {len(cells)} cells (those are kept: free space and "
+                    "re-run to resume)"
+                ) from None
+            finally:
+                store.remove_stale(results, owner=run_id)
+    finally:
+        executor.close()
 
 
-def _sweep_locked(cells, results, force, matrix_name, console, python, env, run_id, outcomes) -> list[Outcome]:
-    done = set() if force else store.finished(results, env["env_machine_id"], on_warning=_warner(console))
+def _sweep_locked(cells, results, force, matrix_name, console, executor, run_id, outcomes) -> list[Outcome]:
+    done = set() if force else store.finished(results, executor.machine_ids(), on_warning=_warner(console))
     todo = [c for c in cells if c.key not in done]
     outcomes.extend(Outcome(c, "skipped") for c in cells if c.key in done)
     if outcomes:
@@ -212,27 +237,41 @@ def _sweep_locked(cells, results, force, matrix_name, console, python, env, run_
     scratch = store.scratch_dir(results, run_id)
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(todo))
-        for cell in todo:
-            progress.update(task, description=cell.label)
-            status, rows, error = run_cell(cell, python, scratch)
-            base = {**cell_columns(cell), "matrix": matrix_name, "run_id": run_id, **env}
+        describe = lambda text: progress.update(task, description=text)
+        for done_cell in executor.run(todo, scratch=scratch, on_progress=describe):
+            cell, status, rows, error = done_cell.cell, done_cell.status, done_cell.rows, done_cell.error
+            base = {**cell_columns(cell), "matrix": matrix_name, "run_id": run_id, **done_cell.env,
+                    "executor": executor.name, "attempts": done_cell.attempts}
             label = escape(cell.label)
+            where = _where(done_cell)
             if status == "ok":
                 part = [{**base, **row} for row in rows]
                 first = rows[0]
                 tps = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
                 progress.console.print(
                     f"[green]ok[/]      {label}  {tps:,.1f} tok/s  prefill {first['prefill_s'] * 1e3:.1f} ms  "
-                    f"agreement {first['token_agreement']:.2f}"
+                    f"agreement {first['token_agreement']:.2f}{where}"
                 )
             else:
                 part = [{**base, "rep": None, "status": status, "error": error}]
-                progress.console.print(f"[red]{status:<7}[/] {label}  {escape(str(error))}")
-            store.write_part(store.part_path(results, cell.key, env["env_machine_id"]), part, owner=run_id)
+                progress.console.print(f"[red]{status:<7}[/] {label}  {escape(str(error))}{where}")
+            store.write_part(store.part_path(results, cell.key, done_cell.env["env_machine_id"]), part, owner=run_id)
             outcomes.append(Outcome(cell, status, error, len(part)))
             progress.advance(task)
         progress.update(task, description="done")
     return outcomes
+
+
+def _where(done: Finished) -> str:
+    """` [on gpu-3, GPU 1, attempt 2]`: where a cell ran, when that is not simply this machine's one executor."""
+    bits = []
+    if done.where:
+        bits.append(f"on {done.where}")
+    if done.resources:
+        bits.append(", ".join(f"{k} {v:g}" for k, v in sorted(done.resources.items())))
+    if done.attempts > 1:
+        bits.append(f"attempt {done.attempts} (the first lost its worker)")
+    return f"  [dim]\\[{escape('; '.join(bits))}][/]" if bits else ""
 
 
 def _warner(console: Console):

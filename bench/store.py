@@ -8,20 +8,24 @@ A part appears complete or not at all (written to a temporary name owned by its 
 killed at any moment loses at most the cell in hand, and a re-run skips every cell that has a valid part. A part that
 is nevertheless unreadable (a truncated copy, a full disk on another tool's copy) is quarantined when read: one
 warning line names it, its cell counts as not finished (the next `run` re-runs it) and readers go on with the valid
-parts. Stores from several machines merge by copying their parts into one directory (or by loading several
-directories at once).
+parts. Stores from several machines (or GPU kinds) merge into one with `merge` (`python -m bench merge SRC...
+--into DST`): every valid part is copied atomically under DST's lock, keyed by its cell and machine; where DST
+already holds a different part of the same cell and machine, the newer run wins and one line says so. Readers also
+accept several directories at once.
 """
 
 from __future__ import annotations
 
 import errno
+import filecmp
 import json
 import os
 import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import filelock
@@ -71,8 +75,28 @@ def write_part(path: Path, rows: Sequence[dict], *, owner: str | None = None) ->
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        what = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-        raise StoreError(f"cannot write {path}: {what}") from None
+        raise _write_error(path, err) from None
+
+
+def _write_error(path: Path, err: OSError) -> StoreError:
+    what = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+    return StoreError(f"cannot write {path}: {what}")
+
+
+def copy_part(src: Path, dest: Path, *, owner: str | None = None) -> None:
+    """Copy the part `src` to `dest` atomically (as `write_part` writes: a temporary name owned by `owner`, fsync,
+    `os.replace`); StoreError (one line) when it cannot be written."""
+    tmp = _tmp_name(dest, owner or str(os.getpid()))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dest)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(dest, err) from None
 
 
 def read_part(path: Path) -> pd.DataFrame:
@@ -113,16 +137,20 @@ def quarantine(path: Path, reason: str, on_warning: Callable[[str], None] = warn
     return dest
 
 
-def finished(results: str | Path, machine_id: str, on_warning: Callable[[str], None] = warn) -> set[str]:
-    """Keys of the cells with a valid part from machine `machine_id` (any outcome: a failed cell is not retried
-    unless forced). Invalid parts are quarantined, so their cells are not finished."""
-    suffix = f"-{machine_id}.parquet"
+def finished(
+    results: str | Path, machine_id: str | Collection[str], on_warning: Callable[[str], None] = warn
+) -> set[str]:
+    """Keys of the cells with a valid part from machine `machine_id` (or from any of several: the machines of a Ray
+    fleet), whatever the outcome: a failed cell is not retried unless forced. Invalid parts are quarantined, so their
+    cells are not finished."""
+    machines = {machine_id} if isinstance(machine_id, str) else set(machine_id)
     folder = Path(results) / "parts"
     if not folder.is_dir():
         return set()
     out = set()
     for p in sorted(folder.iterdir()):
-        if not p.name.endswith(suffix) or p.name.startswith("."):
+        suffix = next((f"-{m}.parquet" for m in machines if p.name.endswith(f"-{m}.parquet")), None)
+        if suffix is None or p.name.startswith("."):
             continue
         try:
             read_part(p)
@@ -176,6 +204,114 @@ def scratch_dir(results: str | Path, owner: str) -> Path:
     path = Path(results) / f".scratch-{owner}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# --- merging stores -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Merged:
+    """What `merge` did: counts of parts, and one line per conflict or invalid part."""
+
+    copied: int = 0  # new to DST
+    replaced: int = 0  # DST held an older run of the same cell and machine
+    identical: int = 0  # DST already held the same file
+    kept: int = 0  # DST held a newer (or same-age, different) run: left as it was
+    invalid: int = 0  # failed validation: not merged
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def conflicts(self) -> int:
+        return self.replaced + self.kept
+
+
+def part_identity(path: Path, frame: pd.DataFrame) -> tuple[str, str]:
+    """(cell key, machine id) of a part, from its rows (`key`, `env_machine_id`); the machine from the file name
+    (`<key>-<machine>.parquet`) for rows without it. ValueError (one line) for a part of several cells or machines."""
+    keys = frame["key"].dropna().astype(str).unique()
+    if len(keys) != 1:
+        raise ValueError(f"holds rows of {len(keys)} cells, not one")
+    key = keys[0]
+    if "env_machine_id" in frame and frame["env_machine_id"].notna().any():
+        machines = frame["env_machine_id"].dropna().astype(str).unique()
+        if len(machines) != 1:
+            raise ValueError(f"holds rows of {len(machines)} machines, not one")
+        return key, machines[0]
+    stem = path.name[: -len(".parquet")]
+    if not stem.startswith(key + "-") or len(stem) == len(key) + 1:
+        raise ValueError("no env_machine_id column, and its file name does not name the machine")
+    return key, stem[len(key) + 1:]
+
+
+_NO_DATE = pd.Timestamp.min.tz_localize("UTC")
+
+
+def _age(frame: pd.DataFrame) -> tuple[pd.Timestamp, str]:
+    """When a part's run happened: its latest `env_date` (UTC), then its run id, for ordering two runs of a cell."""
+    date = _NO_DATE
+    if "env_date" in frame:
+        dates = pd.to_datetime(frame["env_date"], utc=True, errors="coerce")
+        date = dates.max() if dates.notna().any() else _NO_DATE
+    run = str(frame["run_id"].dropna().astype(str).max()) if "run_id" in frame and frame["run_id"].notna().any() \
+        else ""
+    return date, run
+
+
+def _describe(age: tuple[pd.Timestamp, str]) -> str:
+    date, run = age
+    when = "undated" if date == _NO_DATE else date.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"run {run or '?'} ({when})"
+
+
+def merge(
+    sources: Iterable[str | Path], into: str | Path, *, run_id: str | None = None,
+    on_warning: Callable[[str], None] = warn,
+) -> Merged:
+    """Copy every valid part under `sources` (searched recursively) into the store `into`, keyed by cell and machine
+    (`part_path`), each copy atomic, under `into`'s lock (`StoreLocked` when a runner holds it). A part DST already
+    holds byte for byte is left; a different part of the same cell and machine is a conflict: the newer run (by
+    `env_date`, then run id) is kept, and one line says which. Invalid parts are skipped with one line each; sources
+    are only read, never quarantined."""
+    into = check_writable_dir(into, "--into")
+    owner = run_id or f"merge-{os.getpid()}"
+    out = Merged()
+    root = into.resolve()
+    with Lock(into, owner):
+        remove_stale(into)
+        for src in parts(sources):
+            if src.resolve().is_relative_to(root):
+                continue  # DST nested in (or equal to) a source: its own parts are not sources
+            try:
+                frame = read_part(src)
+                key, machine = part_identity(src, frame)
+            except ValueError as err:
+                out.invalid += 1
+                out.lines.append(f"invalid part {src} not merged ({err})")
+                continue
+            dest = part_path(into, key, machine)
+            if dest.exists():
+                if filecmp.cmp(src, dest, shallow=False):
+                    out.identical += 1
+                    continue
+                try:
+                    held = read_part(dest)
+                except ValueError as err:
+                    quarantine(dest, str(err), on_warning)
+                else:
+                    new, old = _age(frame), _age(held)
+                    if new <= old:
+                        out.kept += 1
+                        out.lines.append(f"conflict: {dest.name}: kept {_describe(old)} in {into}; "
+                                         f"{_describe(new)} from {src} is not newer")
+                        continue
+                    out.replaced += 1
+                    out.lines.append(f"conflict: {dest.name}: replaced {_describe(old)} with the newer "
+                                     f"{_describe(new)} from {src}")
+                    copy_part(src, dest, owner=owner)
+                    continue
+            copy_part(src, dest, owner=owner)
+            out.copied += 1
+    return out
 
 
 class Lock:
