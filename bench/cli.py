@@ -1,4 +1,4 @@
-"""The command line: `python -m bench run | report | compare | merge`.
+"""The command line: `python -m bench run | report | compare | merge | fetch`.
 
 Bad input (a malformed matrix, an unknown method, a budget outside (0, 1], a model that cannot be built, a missing
 results directory, an output path that is a file, a directory or read-only, a results directory another runner
@@ -95,7 +95,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("sources", nargs="+", metavar="SRC", help="results directories to merge from (only read)")
     merge.add_argument("--into", required=True, help="results directory to merge into (created if needed)")
+
+    fetch = verbs.add_parser("fetch", help="fetch a real model once into the user cache (smollm2-135m)")
+    fetch.add_argument("model", help="the model spec, e.g. smollm2-135m")
+    fetch.add_argument("--force", action="store_true", help="convert again even if the cache has the model")
+    fetch.add_argument("--verify", action="store_true", help="re-hash the converted files against the manifest")
     return parser
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from bench.realtext import fetch
+
+    if args.model not in fetch.SOURCES:
+        raise BadInput(f"no fetchable model {args.model!r}; known: {', '.join(sorted(fetch.SOURCES))}")
+    return fetch.main([args.model, *(["--force"] if args.force else []), *(["--verify"] if args.verify else [])])
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -265,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.runner import Interrupted
 
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "report": _report, "compare": _compare, "merge": _merge}
+    handlers = {"run": _run, "report": _report, "compare": _compare, "merge": _merge, "fetch": _fetch}
     try:
         return handlers[args.verb](args)
     except (BadInput, MatrixError, ModelError) as err:

@@ -178,6 +178,20 @@ def _signals_interrupt():
             signal.signal(s, h)
 
 
+def _step_counters(row: dict) -> str:
+    """The deterministic per-decode-step counters of a row, for the console (empty where they were not measured)."""
+    parts = []
+    for key, unit in (("decode_aten_ops_per_step", "ops"), ("decode_host_syncs_per_step", "syncs"),
+                      ("decode_kernel_launches_per_step", "launches")):
+        value = row.get(key)
+        if value is not None:
+            parts.append(f"{value:,.0f} {unit}")
+    floor = row.get("decode_floor_ratio")
+    if floor is not None:
+        parts.append(f"{floor:.2f}x floor")
+    return "  per step: " + ", ".join(parts) if parts else ""
+
+
 def sweep(
     cells: Sequence[Cell],
     results: str | Path,
@@ -250,7 +264,7 @@ def _sweep_locked(cells, results, force, matrix_name, console, executor, run_id,
                 tps = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
                 progress.console.print(
                     f"[green]ok[/]      {label}  {tps:,.1f} tok/s  prefill {first['prefill_s'] * 1e3:.1f} ms  "
-                    f"agreement {first['token_agreement']:.2f}{where}"
+                    f"agreement {first['token_agreement']:.2f}{_step_counters(first)}{where}"
                 )
             else:
                 part = [{**base, "rep": None, "status": status, "error": error}]

@@ -301,3 +301,11 @@ def test_shipped_profile_is_valid():
     assert {k: getattr(method, k) for k in profile.meta["method"]} == profile.meta["method"]
     counts = profile.counts(0.2, 512, layers=30, protected=method.protected, share=method.layer_floor)
     assert sum(counts) == round(0.2 * 512 * 30) and min(counts) >= round(0.2 * 0.2 * 512)
+
+
+def test_bench_fetch_verb_names_an_unknown_model(capsys):
+    from bench.cli import main
+
+    assert main(["fetch", "gpt-9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "gpt-9" in err and "smollm2-135m" in err
