@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import filelock
 import pandas as pd
@@ -60,16 +61,21 @@ def write_part(path: Path, rows: Sequence[dict], *, owner: str | None = None) ->
     The temporary file carries `owner` (the run id; the pid by default) in its name, so a sweep can tell its own
     leftovers from another writer's. A failed write (disk full, read-only) removes the temporary file and raises
     `StoreError` with one line naming the part."""
-    owner = owner or str(os.getpid())
-    tmp = _tmp_name(path, owner)
     try:
         table = pa.Table.from_pylist([dict(r) for r in rows])
     except (pa.ArrowException, OverflowError) as err:
         raise StoreError(f"cannot store the rows of {path.name}: {err}") from None
+    _write_atomically(path, owner, lambda f: pq.write_table(table, f))
+
+
+def _write_atomically(path: Path, owner: str | None, write: Callable[[BinaryIO], object]) -> None:
+    """`write` into a temporary file owned by `owner` (the pid by default), fsync it, then `os.replace` it onto `path`;
+    on failure the temporary file is removed and StoreError names `path` in one line."""
+    tmp = _tmp_name(path, owner or str(os.getpid()))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            pq.write_table(table, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -86,17 +92,12 @@ def _write_error(path: Path, err: OSError) -> StoreError:
 def copy_part(src: Path, dest: Path, *, owner: str | None = None) -> None:
     """Copy the part `src` to `dest` atomically (as `write_part` writes: a temporary name owned by `owner`, fsync,
     `os.replace`); StoreError (one line) when it cannot be written."""
-    tmp = _tmp_name(dest, owner or str(os.getpid()))
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dest)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(dest, err) from None
+
+    def copy(out: BinaryIO) -> None:
+        with open(src, "rb") as fin:
+            shutil.copyfileobj(fin, out)
+
+    _write_atomically(dest, owner, copy)
 
 
 def read_part(path: Path) -> pd.DataFrame:

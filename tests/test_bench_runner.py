@@ -4,13 +4,11 @@ the HTML report checked in headless Chromium."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from rich.console import Console
 
 from bench import store
 from bench.cli import main
+from tests.browser import browser_check
 
 ROOT = Path(__file__).parent.parent
 # Small enough that a cell is a few seconds on one CPU core, most of it interpreter start-up.
@@ -142,27 +141,6 @@ def test_gate_on_real_runs_flags_injected_slowdown(tmp_path):
     assert _bench("compare", str(base), str(base)).returncode == 0
 
 
-CHECK_SCRIPT = """
-<script>
-window.__errors = [];
-window.addEventListener('error', e => window.__errors.push(String(e.message || e.type)), true);
-const origError = console.error;
-console.error = (...a) => { window.__errors.push(a.join(' ')); origError(...a); };
-window.addEventListener('load', () => {
-  const imgs = Array.from(document.images).map(i => i.complete && i.naturalWidth > 0);
-  const out = document.createElement('pre');
-  out.id = '__check';
-  out.textContent = JSON.stringify({errors: window.__errors, images: imgs});
-  document.body.appendChild(out);
-});
-</script>
-"""
-
-
-def _chromium() -> str | None:
-    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-
-
 def test_report_renders_in_headless_chromium(sweep_with_failures, tmp_path):
     results, _ = sweep_with_failures
     out = tmp_path / "report" / "index.html"
@@ -171,24 +149,9 @@ def test_report_renders_in_headless_chromium(sweep_with_failures, tmp_path):
     assert page.count("data:image/png;base64,") >= 4 and "No energy data" in page
     assert "Failed cells" in page and "exit code 3" in page and "http://" not in page.replace("http://www.w3", "")
     assert "Against the paper" in page and "This store has no cell at the paper's shapes" in page
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    checked = tmp_path / "checked.html"
-    # The probe goes first in <head> so that it sees every error of the page proper.
-    checked.write_text(page.replace("<head>", "<head>" + CHECK_SCRIPT, 1))
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()],
-            capture_output=True, text=True, timeout=120,
-        )
-    dom = proc.stdout
-    assert '<pre id="__check">' in dom, proc.stderr[-2000:]
-    state = json.loads(dom.split('<pre id="__check">', 1)[1].split("</pre>", 1)[0].replace("&quot;", '"'))
+    state = browser_check(out, tmp_path)
     assert state["errors"] == []
-    assert len(state["images"]) >= 4 and all(state["images"])
+    assert len(state["images"]) >= 4 and all(image["ok"] for image in state["images"])
 
 
 def test_report_on_a_truncated_copy_of_a_store(sweep_with_failures, tmp_path):
