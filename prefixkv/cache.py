@@ -96,7 +96,6 @@ class CompressedLayer(CacheLayerMixin):
         self.positions: torch.Tensor | None = None  # (batch, kv_heads, kept) prompt positions kept at compression
         self.policy: DecodePolicy = Grow()
         self.plan: Plan | None = None
-        self.ratio = 1.0  # kept / prompt_length
         self.slot_positions: torch.Tensor | None = None  # (batch, kv_heads, capacity) original position per slot
         self.attention_received: torch.Tensor | None = None  # (batch, kv_heads, capacity), `score` policy only
         self.reallocations = 0
@@ -148,7 +147,6 @@ class CompressedLayer(CacheLayerMixin):
             self.attention_received = _static(torch.zeros(batch, heads, capacity, device=keys.device))
         self.positions = positions
         self.prompt_length = prompt
-        self.ratio = kept / prompt
         self.compressed = True
         self._load_plan()
 
