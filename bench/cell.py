@@ -102,22 +102,15 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.nbytes for name, p in model.named_parameters() if not any(s in name for s in skipped))
 
 
-def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """GB/s of a device-to-device `copy_` of `nbytes` (read + write counted), median of `repeats`, CUDA events."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        samples.append(2 * nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
-    del src, dst
+def copy_bandwidth_gbps(device: str) -> float | None:
+    """GB/s of a 1 GiB device-to-device copy on `device` (read + write counted), timed as the kernel microbenchmark
+    times it (`bench.kernels.copy_bandwidth`: do_bench median); None if it could not run."""
+    from bench.kernels import Timer, copy_bandwidth
+
+    with torch.cuda.device(device):
+        row = copy_bandwidth(Timer("cuda", quick=True), "cuda", 1 << 30, torch.float16)
     torch.cuda.empty_cache()
-    return float(statistics.median(samples))
+    return row["gbps"]
 
 
 def _counters(run, cell: Cell, compile_step: bool) -> dict:
@@ -267,6 +260,8 @@ def _byte_floor(cell: Cell, shared: dict, stats) -> dict:
     """The decode step's byte floor on this GPU: decoder weights plus the mean KV cache held over the steps, over
     the copy bandwidth measured now, in this process."""
     bandwidth = copy_bandwidth_gbps(cell.device)
+    if not bandwidth:
+        return {"copy_bandwidth_gbps": None}
     entry_bytes = [b / h if h else 0.0 for b, h in zip(stats.bytes, stats.held, strict=True)]
     kv_mean = sum(e * (k + h) / 2 for e, k, h in zip(entry_bytes, stats.kept, stats.held, strict=True))
     floor_bytes = shared["decode_weight_bytes"] + kv_mean

@@ -166,7 +166,7 @@ def _measure(timer: Timer, device: str, fn: Callable[[], object]) -> tuple[float
 def copy_bandwidth(timer: Timer, device: str, nbytes: int, dtype: torch.dtype) -> dict[str, Any]:
     """GB/s of `dst.copy_(src)` over `nbytes`, counting the read and the write."""
     n = nbytes // torch.tensor([], dtype=dtype).element_size()
-    src = torch.randn(n, device=device).to(dtype)
+    src = torch.randn(n, device=device, dtype=dtype)  # in its dtype: no float32 copy of a 1 GiB buffer
     dst = torch.empty_like(src)
     ms, peak, status = _measure(timer, device, lambda: dst.copy_(src))
     gbps = 2 * nbytes / (ms * 1e-3) / 1e9 if ms else None

@@ -36,7 +36,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kernels.compact import compact_kv_into
-from prefixkv.budget import check_budget
+from prefixkv.budget import check_budget, check_count
 from prefixkv.methods.base import Method
 from prefixkv.policy import EVICT, DecodePolicy, Grow, Plan
 from prefixkv.timer import Timer, check_timer
@@ -293,10 +293,8 @@ class PrefixKVCache(Cache):
         timer: Timer | None = None,
         compress_in_prefill: bool = True,
     ):
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        check_count("num_layers", num_layers, 1)
+        check_count("max_new_tokens", max_new_tokens, 0)
         super().__init__(layers=[CompressedLayer(max_new_tokens) for _ in range(num_layers)])
         self.method = method
         self.budget = check_budget(budget)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prefixkv.budget import check_budget
+from prefixkv.budget import check_budget, check_count
 from prefixkv.cache import CacheStats, PrefixKVCache
 from prefixkv.capture import bind, decoder_spec
 from prefixkv.methods import Method, build_method
@@ -74,12 +74,6 @@ def check_inputs(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.
     return input_ids
 
 
-def _check_count(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 def cache_argument(model: nn.Module) -> str:
     """The keyword under which `model.forward` takes a cache: `cache` from transformers 5.2x on,
     `past_key_values` before."""
@@ -98,7 +92,7 @@ def make_cache(
 ) -> PrefixKVCache:
     """A `PrefixKVCache` sized for `model`, after checking every argument (ValueError names the bad one)."""
     budget = check_budget(budget)
-    _check_count("max_new_tokens", max_new_tokens, 0)
+    check_count("max_new_tokens", max_new_tokens, 0)
     spec = decoder_spec(model)
     return PrefixKVCache(
         spec.num_layers,
@@ -177,7 +171,7 @@ def generate(
     `timer` marks the regions of the work (`prefixkv.timer`); `compile` runs the decode step compiled.
     """
     input_ids = check_inputs(model, inputs)
-    _check_count("max_new_tokens", max_new_tokens, 1)
+    check_count("max_new_tokens", max_new_tokens, 1)
     cache = make_cache(model, method, budget, max_new_tokens, timer=timer, **method_kwargs)
     timer = cache.timer
     with bind(model, cache):

@@ -29,6 +29,8 @@ from typing import ClassVar
 
 import torch
 
+from prefixkv.budget import check_count
+
 #: The slot of a planned step whose victim is chosen on the device (`ScoreEviction.victim`).
 EVICT = -1
 
@@ -116,7 +118,7 @@ class FixedPosition(DecodePolicy):
     distance: int = 0
 
     def __post_init__(self) -> None:
-        _check_count("decode distance", self.distance)
+        check_count("decode distance", self.distance, 0)
 
     def _planned_victim(self, order: list[int], kept: int, held: int) -> int:
         # The entry of rank `anchor` in original order: every batch row and head holds its kept prompt entries in
@@ -134,7 +136,7 @@ class ScoreEviction(DecodePolicy):
     recent: int = 8
 
     def __post_init__(self) -> None:
-        _check_count("decode recent window", self.recent)
+        check_count("decode recent window", self.recent, 0)
 
     def _planned_victim(self, order: list[int], kept: int, held: int) -> int:
         return EVICT
@@ -158,15 +160,10 @@ def decode_policy(kind: str = "grow", distance: int = 0, recent: int = 8) -> Dec
     """The policy called `kind`, with the hyper-parameter it uses (ValueError names a bad one)."""
     if kind not in POLICIES:
         raise ValueError(f"unknown decode policy {kind!r}; known: {', '.join(POLICIES)}")
-    _check_count("decode distance", distance)
-    _check_count("decode recent window", recent)
+    check_count("decode distance", distance, 0)
+    check_count("decode recent window", recent, 0)
     if kind == FixedPosition.kind:
         return FixedPosition(distance)
     if kind == ScoreEviction.kind:
         return ScoreEviction(recent)
     return Grow()
-
-
-def _check_count(what: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
