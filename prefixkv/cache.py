@@ -416,12 +416,8 @@ class PrefixKVCache(Cache):
         `lse` the attention's log-sum-exp per query row, when its backend gave one) and, where the sizes are known,
         compress it at once."""
         if self.method.needs_scores:
-            window = self.method.query_window
-            if window is not None:
-                queries = queries[:, :, -window:]
-                lse = None if lse is None else lse[:, :, -window:]
             with self.timer.region("score"):
-                scores = self.method.score(queries, keys, layer_idx, lse=lse)
+                scores = self.method.score_prompt(queries, keys, layer_idx, lse)
             # With a chunked prefill the last chunk's scores win: its queries are the prompt's last ones.
             self.scores[layer_idx] = scores
         if not self.compress_in_prefill:
@@ -431,6 +427,18 @@ class PrefixKVCache(Cache):
                 self.sizes = self.method.sizes(keys.shape[-2], len(self.layers), self.budget)
         if self.sizes is not None:
             self._compress_layer(layer_idx, self.sizes[layer_idx])
+
+    def adopt_prefill(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], scores: list[torch.Tensor] | None = None
+    ) -> None:
+        """Take an uncompressed prefill run elsewhere as this cache's own: every layer's keys and values
+        ((batch, kv_heads, n, head_dim); read, never written) and, for a method that scores, its scores per layer
+        ((batch, kv_heads, n) float32). `compress()` then plans and compacts exactly as after its own prefill."""
+        if any(layer.keys is not None for layer in self.layers):
+            raise ValueError("this cache already holds a prefill")
+        for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
+            layer.update(layer_keys, layer_values)
+        self.scores = dict(enumerate(scores or []))
 
     def compress(self) -> None:
         """Plan the kept positions of every layer not compressed yet and compact the cache to them."""

@@ -211,19 +211,24 @@ def fed_after_compression(question: torch.Tensor | None, tokens: int) -> int:
 
 
 def score_continuation(
-    decoder: Decoder, last_logits: torch.Tensor, continuation: torch.Tensor, question: torch.Tensor | None = None
+    decoder: Decoder,
+    last_logits: torch.Tensor,
+    continuation: torch.Tensor,
+    question: torch.Tensor | None = None,
+    timer: Timer | None = None,
 ) -> torch.Tensor:
     """Log-probabilities (batch, T) float32 of `continuation` (batch, T) after a compressed prompt whose last
     position gave `last_logits` (batch, vocab) and after `question` (batch, Tq) if given: one chunk forward of
     the question and the continuation's first T - 1 tokens (teacher forcing)."""
     count = continuation.shape[1]
-    if question is None:
-        logits = last_logits[:, None]
-        if count > 1:
-            logits = torch.cat([logits, decoder.feed(continuation[:, :-1], count - 1)], dim=1)
-    else:
-        logits = decoder.feed(torch.cat([question, continuation[:, :-1]], dim=1), count)
-    return torch.log_softmax(logits, -1).gather(-1, continuation[..., None])[..., 0]
+    with check_timer(timer).region("chunk"):
+        if question is None:
+            logits = last_logits[:, None]
+            if count > 1:
+                logits = torch.cat([logits, decoder.feed(continuation[:, :-1], count - 1)], dim=1)
+        else:
+            logits = decoder.feed(torch.cat([question, continuation[:, :-1]], dim=1), count)
+        return torch.log_softmax(logits, -1).gather(-1, continuation[..., None])[..., 0]
 
 
 def greedy_tokens(
