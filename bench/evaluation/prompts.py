@@ -8,6 +8,7 @@ run generates first.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -40,34 +41,28 @@ class Prompt:
 
 
 def text_prompts(tokenizer, spec: QualitySpec, tasks: Sequence[str]) -> list[Prompt]:
-    """The prompts of `tasks` for a text model, `spec.prompts` per task, task after task."""
+    """The prompts of `tasks` for a text model, `spec.prompts` per task, interleaved (the first prompt of every
+    task, then the second...), so that a run stopped early has every task at about the same count. Prompt i of a
+    task does not depend on how many are drawn: a larger run extends a smaller one."""
     fmt = PromptFormat.of(tokenizer)
-    out: list[Prompt] = []
+    by_task: list[list[Prompt]] = []
     for task in tasks:
         if task in RULER_TASKS:
-            for s in ruler.samples(tokenizer, task, spec.length, spec.prompts, haystack_name=spec.haystack,
-                                   seed=spec.seed, fmt=fmt):
-                out.append(Prompt(f"{task}/{s.index}", task, s.context, s.question, s.answer))
+            samples = ruler.samples(tokenizer, task, spec.length, spec.prompts, haystack_name=spec.haystack,
+                                    seed=spec.seed, fmt=fmt)
+            by_task.append([Prompt(f"{task}/{s.index}", task, s.context, s.question, s.answer) for s in samples])
         else:
             span = spec.continuation if task == "continuation" else 0
-            for i, (start, window) in enumerate(_windows(tokenizer, spec, task, span)):
-                target = window[spec.length :] if span else ()
-                out.append(Prompt(f"{task}/{i}", task, window[: spec.length], (), target))
-                del start
-    return out
+            windows = [_window(tokenizer, spec, task, i, spec.length + span) for i in range(spec.prompts)]
+            by_task.append([Prompt(f"{task}/{i}", task, w[: spec.length], (), w[spec.length :])
+                            for i, w in enumerate(windows)])
+    return [prompts[i] for i in range(spec.prompts) for prompts in by_task]
 
 
-def _windows(tokenizer, spec: QualitySpec, task: str, span: int) -> list[tuple[int, tuple[int, ...]]]:
-    """`spec.prompts` haystack windows of `spec.length` (+ `span`) tokens, spread over the haystack and jittered
-    by a generator seeded with (task, length, seed): the continuation and agreement windows differ."""
-    import random
-
+def _window(tokenizer, spec: QualitySpec, task: str, index: int, size: int) -> tuple[int, ...]:
+    """A window of `size` tokens of the haystack, placed by a generator seeded with (task, length, seed, index)."""
     ids = haystack.token_ids(tokenizer, spec.haystack)
-    size = spec.length + span
-    room = len(ids) - size
-    if room < 0:
+    if size > len(ids):
         raise ValueError(f"a window of {size} tokens does not fit in the {spec.haystack} haystack ({len(ids)} tokens)")
-    rng = random.Random(f"{task}:{spec.length}:{spec.seed}")
-    stride = room / spec.prompts
-    starts = [min(room, int(i * stride + rng.random() * stride)) for i in range(spec.prompts)]
-    return [(s, tuple(ids[s : s + size])) for s in starts]
+    start = random.Random(f"{task}:{spec.length}:{spec.seed}:{index}").randrange(len(ids) - size + 1)
+    return tuple(ids[start : start + size])

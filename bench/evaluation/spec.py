@@ -74,12 +74,14 @@ class QualitySpec:
             out += list(kind) if task == "auto" else [task]
         return tuple(dict.fromkeys(out))
 
-    def identity(self) -> dict:
-        """What the prompts and their scores depend on (rows of another identity are not reused)."""
+    def settings(self, model: str) -> dict:
+        """What one prompt's scores depend on, besides its id ("task/index"): records of other settings are not
+        reused. The number of prompts and the list of tasks are not part of it (prompt i of a task is the same in
+        a run of any size), so a larger run extends a smaller one."""
         out = asdict(self)
-        out.pop("timing")
-        out["tasks"] = list(self.tasks)
-        return out
+        for name in ("tasks", "prompts", "timing"):
+            out.pop(name)
+        return {"model": model, **out}
 
     def describe(self, tasks: tuple[str, ...]) -> str:
         """`ruler-2k query-aware (6 tasks x 64, pydoc, seed 0)`: the prompts in one phrase (`quality_source`)."""

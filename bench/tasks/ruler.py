@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from bench.tasks import haystack
 from bench.tasks.chat import PromptFormat, encode
@@ -72,8 +73,6 @@ class Draft:
     depth: float | None = None
     #: Strings that must occur exactly once in the context (the values a needle carries).
     unique: tuple[str, ...] = ()
-    #: Built from the haystack window itself (the QA task): called with the window's text once it is cut.
-    from_window: Callable[[str, random.Random], Draft | None] | None = None
 
 
 def _key(rng: random.Random) -> str:
@@ -172,7 +171,7 @@ def variable_tracking(rng: random.Random, depth: float, hops: int = 1) -> Draft:
             names.append(name)
     value = _number(rng)
     depths = [depth] + sorted(depth + (1 - depth) * rng.random() for _ in range(hops))
-    statements = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    statements = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in pairwise(names)]
     return Draft(
         "Memorize and track the chain of variable assignments hidden in the following text.\n\n",
         f"\n\nFollowing the chain of assignments in the text above, what is the value of VAR {names[-1]}?",
@@ -268,9 +267,10 @@ def check_task(name: str) -> str:
     return name
 
 
-def depth_of(index: int, count: int) -> float:
-    """Depths spread evenly over [0.05, 0.95] across a task's samples (RULER sweeps depth the same way)."""
-    return 0.05 + 0.9 * ((index * 7) % count) / max(count - 1, 1) if count > 1 else 0.5
+def depth_of(index: int) -> float:
+    """The depth of sample `index`: a golden-ratio sequence over [0.05, 0.95], so that any first n samples spread
+    evenly over depths and a sample does not depend on how many are drawn."""
+    return 0.05 + 0.9 * ((index * 0.6180339887498949) % 1.0)
 
 
 def samples(
@@ -285,13 +285,13 @@ def samples(
         raise ValueError(f"count must be an integer >= 1, got {count!r}")
     fmt = fmt or PromptFormat.of(tokenizer)
     hay = haystack.token_ids(tokenizer, haystack.check_haystack(haystack_name))
-    return [_sample(tokenizer, fmt, hay, task, length, seed, i, count) for i in range(count)]
+    return [_sample(tokenizer, fmt, hay, task, length, seed, i) for i in range(count)]
 
 
-def _sample(tokenizer, fmt: PromptFormat, hay: Sequence[int], task: str, length: int, seed: int, index: int,
-            count: int) -> TaskSample:
+def _sample(tokenizer, fmt: PromptFormat, hay: Sequence[int], task: str, length: int, seed: int,
+            index: int) -> TaskSample:
     rng = random.Random(f"{task}:{length}:{seed}:{index}")
-    depth = depth_of(index, count)
+    depth = depth_of(index)
     for _attempt in range(100):
         draft = TASKS[task](rng, depth)
         sample = _assemble(tokenizer, fmt, hay, task, index, length, draft, rng)
@@ -303,8 +303,6 @@ def _sample(tokenizer, fmt: PromptFormat, hay: Sequence[int], task: str, length:
 def _assemble(tokenizer, fmt, hay, task, index, length, draft: Draft, rng: random.Random) -> TaskSample | None:
     """The sample of `draft` over a window of `hay` drawn from `rng`, or None when the draw is unusable (a value
     that also occurs in the haystack, a quote that is not unique)."""
-    if draft.from_window is not None:
-        return _assemble_qa(tokenizer, fmt, hay, task, index, length, draft, rng)
     head = list(fmt.before) + encode(tokenizer, draft.instruction)
     tail = encode(tokenizer, draft.question) + list(fmt.after) + encode(tokenizer, draft.stem)
     inserts = sorted(((d, encode(tokenizer, " " + text + "\n"), text) for d, text in draft.inserts),
@@ -328,23 +326,3 @@ def _assemble(tokenizer, fmt, hay, task, index, length, draft: Draft, rng: rando
         return None
     return TaskSample(task, index, context, tuple(tail), tuple(encode(tokenizer, draft.answer)), draft.answer,
                       evidence, draft.depth, offset)
-
-
-def _assemble_qa(tokenizer, fmt, hay, task, index, length, draft: Draft, rng: random.Random) -> TaskSample | None:
-    # The question quotes the window, so its length is known only once the window is cut: cut it for a question
-    # of a typical length, then trim the window (from the end) or refuse the draw.
-    head = list(fmt.before) + encode(tokenizer, "Read the following documentation carefully. I will ask you to quote "
-                                                "from it afterwards.\n\n")
-    offset = rng.randrange(0, len(hay) - length)
-    window = list(hay[offset : offset + length])
-    built = draft.from_window(tokenizer.decode(window), rng)
-    if built is None:
-        return None
-    tail = encode(tokenizer, built.question) + list(fmt.after) + encode(tokenizer, built.stem)
-    room = length - len(head) - len(tail)
-    window = window[:room]
-    text = tokenizer.decode(window)
-    if text.count(built.answer.strip()) < 1 or text.count(built.question.split('"')[1]) != 1:
-        return None
-    return TaskSample(task, index, tuple(head + window), tuple(tail), tuple(encode(tokenizer, built.answer)),
-                      built.answer, (built.question.split('"')[1] + built.answer,), built.depth, offset)
