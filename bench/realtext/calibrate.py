@@ -45,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    from bench.realtext.evaluate import _load
+    from bench.realtext.loading import load_or_exit
 
     if args.samples < 1 or args.length < 16:
         print(f"error: need --samples >= 1 and --length >= 16, got {args.samples}, {args.length}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = _load(args.model, "cpu", "float32")
+    model, tokenizer = load_or_exit(args.model)
     out = args.out or profile_path(Path(args.model).name)
     profile = run(model, tokenizer, Path(args.model).name, args.samples, args.length, out)
     for budget in sorted(profile.budgets):
