@@ -3,7 +3,8 @@
 During prefill no method changes the hidden states - every method compresses only what it stores - so one prefill
 yields what each of them needs: every layer's full keys and values, and each scorer's statistics (each distinct
 scorer runs once per layer, inside that layer's attention call, from the attention's own log-sum-exp, as in a normal
-prefill; methods with the same `Method.scorer`, e.g. `uniform` and `prefixkv`, share one run). From that,
+prefill; methods with the same `Method.scorer`, e.g. `uniform` and `prefixkv`, share one run, and scorers that read
+the same attention mass, e.g. `h2o` and `prefixkv`, share that pass: `scoring.shared_attention_mass`). From that,
 `PrefilledPrompt` builds any method's compressed cache at any budget through the normal path (`PrefixKVCache`:
 allocation, selection, compaction into static decode buffers) and scores a continuation in one chunk forward, or
 generates greedily.
@@ -44,6 +45,7 @@ from prefixkv.generation import (
 )
 from prefixkv.methods import Method, build_method
 from prefixkv.methods.full import FullCache
+from prefixkv.scoring import shared_attention_mass
 from prefixkv.timer import Timer, check_timer
 
 #: The reference every sweep includes: the full cache (it keeps everything whatever the budget).
@@ -63,9 +65,10 @@ class _ScoringPrefillCache(PrefixKVCache):
         return bool(self.scorers)
 
     def layer_prefilled(self, layer_idx, queries, keys, lse=None) -> None:
-        for key, method in self.scorers.items():
-            with self.timer.region("score"):
-                self.scored[key][layer_idx] = method.score_prompt(queries, keys, layer_idx, lse)
+        with shared_attention_mass():  # H2O's and PrefixKV's scores read the same attention mass: one pass
+            for key, method in self.scorers.items():
+                with self.timer.region("score"):
+                    self.scored[key][layer_idx] = method.score_prompt(queries, keys, layer_idx, lse)
 
 
 class PrefilledPrompt:

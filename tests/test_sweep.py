@@ -109,15 +109,21 @@ def test_method_instances_and_spec_labels(llama):
     torch.testing.assert_close(out[("snapkv", 0.3)], want, atol=ATOL, rtol=0)
 
 
-def test_each_scorer_runs_once_per_layer_and_the_full_cache_once(llama):
-    """uniform/prefixkv share a scorer, snapkv/pyramidkv another, h2o has its own: 3 scoring runs per layer. The
-    full cache is the same at every budget: one chunk forward for all its cells."""
+def test_each_scorer_runs_once_per_layer_and_the_full_cache_once(llama, monkeypatch):
+    """uniform/prefixkv share a scorer, snapkv/pyramidkv another, h2o has its own: 3 scoring runs per layer, and
+    two passes over the keys (h2o's and prefixkv's scores read the same attention mass). The full cache is the same
+    at every budget: one chunk forward for all its cells."""
+    from prefixkv import scoring
+
+    passes, attention_scores = [], scoring.attention_scores
+    monkeypatch.setattr(scoring, "attention_scores", lambda *a, **kw: passes.append(1) or attention_scores(*a, **kw))
     timer = RegionCounter()
     out = prefixkv.sweep_logprobs(
         llama, text_inputs(batch=2, seq=PROMPT), _tokens(2, 5), methods=METHODS, budgets=BUDGETS, timer=timer
     )
     assert timer.counts["prefill"] == 1
     assert timer.counts["score"] == 3 * 3  # 3 distinct scorers x 3 layers
+    assert len(passes) == 2 * 3  # the full-window mass and SnapKV's window, per layer
     assert timer.counts["chunk"] == (len(METHODS) - 1) * len(BUDGETS) + 1
     assert out[("full", 0.25)] is out[("full", 1.0)]
 
