@@ -238,6 +238,27 @@ def test_prefilled_prompt_is_read_never_written(llama):
     prompt.continuation_logprobs(_tokens(2, 5), method="streaming_llm", budget=0.25)  # no scores needed
 
 
+def test_one_prefill_serves_both_sweeps(llama):
+    """The prompt's own sweeps equal the top-level ones; a method whose scorer did not run is named before any
+    cell is computed."""
+    inputs = text_inputs(batch=2, seq=PROMPT, seed=5)
+    continuation = _tokens(2, 5, seed=5)
+    methods = ["h2o", "prefixkv", "streaming_llm"]
+    timer = RegionCounter()
+    prompt = prefixkv.prefill(llama, inputs, methods=methods, timer=timer)
+    logprobs = prompt.sweep_logprobs(continuation, methods=methods, budgets=BUDGETS, decode="score")
+    tokens = prompt.sweep_generate(methods=methods, budgets=BUDGETS, max_new_tokens=4)
+    assert timer.counts["prefill"] == 1
+    want = prefixkv.sweep_logprobs(llama, inputs, continuation, methods=methods, budgets=BUDGETS, decode="score")
+    assert want.keys() == logprobs.keys() and all(torch.equal(want[k], logprobs[k]) for k in want)
+    want = prefixkv.sweep_generate(llama, inputs, methods=methods, budgets=BUDGETS, max_new_tokens=4)
+    assert want.keys() == tokens.keys() and all(torch.equal(want[k], tokens[k]) for k in want)
+    chunks = timer.counts.get("chunk", 0)
+    with pytest.raises(ValueError, match="'snapkv' scores the prompt with a scorer that did not run"):
+        prompt.sweep_logprobs(continuation, methods=["h2o", "snapkv"], budgets=BUDGETS)
+    assert timer.counts.get("chunk", 0) == chunks, "no cell ran before the error"
+
+
 def test_sweep_arguments_are_checked(llama):
     inputs = text_inputs(batch=2, seq=20)
     continuation = _tokens(2, 3)
