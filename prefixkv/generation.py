@@ -168,19 +168,17 @@ def _compiled_chunk_logits():
 
 
 class Decoder:
-    """Feeds tokens at their true positions through a bound model and its compressed cache, eagerly or compiled:
-    one per sequence and step (`__call__`), or a chunk of several in one forward (`feed`). Holds the position as a
-    device tensor advanced in place: no host value changes between steps."""
+    """Feeds tokens at their true positions through a bound model and its compressed cache: one per sequence and
+    step (`__call__`, compiled when `compile`), or a chunk of several in one forward (`feed`). Holds the position as
+    a device tensor advanced in place: no host value changes between steps."""
 
     def __init__(self, model: nn.Module, cache: PrefixKVCache, batch: int, compile: bool = False):
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile must be True or False, got {compile!r}")
+        check_compile(compile)
         self.model, self.cache, self.compile = model, cache, compile
         self.argument = cache_argument(model)
         device = cache.step.device
         self.position = torch.full((batch, 1), cache.get_seq_length(), dtype=torch.long, device=device)
         self.fn = _compiled_logits(device) if compile else _logits
-        self.chunk_fn = _compiled_chunk_logits() if compile else _chunk_logits
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """`token`: (batch,) ids; returns their logits (batch, vocab) float32."""
@@ -191,18 +189,27 @@ class Decoder:
         self.position.add_(1)
         return logits
 
-    def feed(self, tokens: torch.Tensor, keep: int) -> torch.Tensor:
+    def feed(self, tokens: torch.Tensor, keep: int, compile: bool = False) -> torch.Tensor:
         """`tokens`: (batch, T) ids, in one forward that leaves the cache as T one-token steps would (teacher
-        forcing); returns the logits of the last `keep` of them, (batch, keep, vocab) float32."""
+        forcing); returns the logits of the last `keep` of them, (batch, keep, vocab) float32. `compile` runs that
+        forward under `torch.compile(fullgraph=True)` (one graph per chunk length)."""
         count = tokens.shape[1]
         if count == 1:
             return self(tokens[:, 0])[:, None]
         positions = self.position + torch.arange(count, device=self.position.device)
-        logits = self.chunk_fn(self.model, self.cache, tokens, positions, self.argument, keep)
-        if self.compile:
-            self.cache.advance(count)
+        forward = _compiled_chunk_logits() if compile else _chunk_logits
+        logits = forward(self.model, self.cache, tokens, positions, self.argument, keep)
+        if compile:
+            self.cache.advance(count)  # the host half, which a compiled graph cannot hold
         self.position.add_(count)
         return logits
+
+
+def check_compile(compile) -> bool:
+    """`compile`, or TypeError unless it is True or False."""
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    return compile
 
 
 def fed_after_compression(question: torch.Tensor | None, tokens: int) -> int:
@@ -216,18 +223,19 @@ def score_continuation(
     continuation: torch.Tensor,
     question: torch.Tensor | None = None,
     timer: Timer | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Log-probabilities (batch, T) float32 of `continuation` (batch, T) after a compressed prompt whose last
     position gave `last_logits` (batch, vocab) and after `question` (batch, Tq) if given: one chunk forward of
-    the question and the continuation's first T - 1 tokens (teacher forcing)."""
+    the question and the continuation's first T - 1 tokens (teacher forcing), compiled if `compile`."""
     count = continuation.shape[1]
     with check_timer(timer).region("chunk"):
         if question is None:
             logits = last_logits[:, None]
             if count > 1:
-                logits = torch.cat([logits, decoder.feed(continuation[:, :-1], count - 1)], dim=1)
+                logits = torch.cat([logits, decoder.feed(continuation[:, :-1], count - 1, compile)], dim=1)
         else:
-            logits = decoder.feed(torch.cat([question, continuation[:, :-1]], dim=1), count)
+            logits = decoder.feed(torch.cat([question, continuation[:, :-1]], dim=1), count, compile)
         return torch.log_softmax(logits, -1).gather(-1, continuation[..., None])[..., 0]
 
 
@@ -239,7 +247,8 @@ def greedy_tokens(
     timer: Timer | None = None,
 ) -> torch.Tensor:
     """`max_new_tokens` greedy tokens (batch, new) after a compressed prompt whose last position gave `last_logits`
-    (batch, vocab), and after `question` (batch, Tq), fed as one chunk, if given."""
+    (batch, vocab), and after `question` (batch, Tq), fed as one eager chunk, if given (its length varies from
+    prompt to prompt: compiling it would compile a graph per length)."""
     timer = check_timer(timer)
     if question is not None:
         with timer.region("chunk"):
@@ -273,8 +282,8 @@ def generate(
     models whose attention modules have q_proj/k_proj/v_proj (Llama, Mistral, Qwen2...) and for LLaVA.
     `question` ((batch, Tq) ids, optional): fed after the compressed prompt as one chunk, uncompressed (cached under
     the method's decode policy, like generated tokens), before generation starts: the query-agnostic protocol.
-    `timer` marks the regions of the work (`prefixkv.timer`); `compile` runs the decode step compiled.
-    `sequences` are the prompt, the question (if any) and the new tokens.
+    `timer` marks the regions of the work (`prefixkv.timer`); `compile` runs the decode step compiled (the
+    question's chunk runs eagerly). `sequences` are the prompt, the question (if any) and the new tokens.
     """
     input_ids = check_inputs(model, inputs)
     check_count("max_new_tokens", max_new_tokens, 1)
@@ -313,9 +322,10 @@ def continuation_logprobs(
     The continuation is scored in one forward over the compressed cache (a chunk of T - 1 tokens), equal to feeding
     it one token per step. `question` ((batch, Tq) ids, optional) comes between the compressed prompt and the
     continuation, uncompressed, in the same chunk (query-agnostic protocol). `compile=True` runs that forward under
-    `torch.compile(fullgraph=True)`; a forward run once rarely repays its compilation, but dynamo's cache is shared
-    by every call of a process with the same shapes.
+    `torch.compile(fullgraph=True)`: a forward run once rarely repays its compilation, but dynamo's cache is shared
+    by every call of a process with the same shapes (one graph per chunk length and cache layout).
     """
+    check_compile(compile)
     input_ids = check_inputs(model, inputs)
     continuation = check_token_ids(model, "continuation", continuation, input_ids)
     if question is not None:
@@ -325,8 +335,8 @@ def continuation_logprobs(
     with bind(model, cache):
         logits = _prefill(model, inputs, cache)
         cache.compress()
-        decoder = Decoder(model, cache, input_ids.shape[0], compile)
-        return score_continuation(decoder, logits, continuation, question)
+        decoder = Decoder(model, cache, input_ids.shape[0])
+        return score_continuation(decoder, logits, continuation, question, compile=compile)
 
 
 @torch.inference_mode()

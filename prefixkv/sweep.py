@@ -3,16 +3,18 @@
 During prefill no method changes the hidden states - every method compresses only what it stores - so one prefill
 yields what each of them needs: every layer's full keys and values, and each scorer's statistics (each distinct
 scorer runs once per layer, inside that layer's attention call, from the attention's own log-sum-exp, as in a normal
-prefill; methods with the same `Method.scorer`, e.g. `uniform` and `prefixkv`, share one run). From that,
+prefill; methods with the same `Method.scorer`, e.g. `uniform` and `prefixkv`, share one run, and scorers that read
+the same attention mass, e.g. `h2o` and `prefixkv`, share that pass: `scoring.shared_attention_mass`). From that,
 `PrefilledPrompt` builds any method's compressed cache at any budget through the normal path (`PrefixKVCache`:
 allocation, selection, compaction into static decode buffers) and scores a continuation in one chunk forward, or
 generates greedily.
 
-    prompt = prefixkv.prefill(model, inputs, methods=["snapkv", "prefixkv"])
-    prompt.continuation_logprobs(continuation, method="snapkv", budget=0.2)   # (batch, T) float32
-
     prefixkv.sweep_logprobs(model, inputs, continuation, methods=[...], budgets=[0.1, 0.2])
     # {(label, budget): (batch, T) float32}, ("full", 1.0) included as the reference
+
+    prompt = prefixkv.prefill(model, inputs, methods=["snapkv", "prefixkv"])  # to use one prefill several ways
+    prompt.continuation_logprobs(continuation, method="snapkv", budget=0.2)   # (batch, T) float32
+    prompt.sweep_generate(methods=["snapkv", "prefixkv"], budgets=[0.2], max_new_tokens=16)
 
 Memory: a `PrefilledPrompt` holds every layer's full keys and values for the prompt (what a full-cache prefill
 holds), each distinct scorer's scores ((batch, kv_heads, n) float32 per layer) and the last position's logits
@@ -44,10 +46,13 @@ from prefixkv.generation import (
 )
 from prefixkv.methods import Method, build_method
 from prefixkv.methods.full import FullCache
+from prefixkv.scoring import shared_attention_mass
 from prefixkv.timer import Timer, check_timer
 
 #: The reference every sweep includes: the full cache (it keeps everything whatever the budget).
 REFERENCE = ("full", 1.0)
+#: A sweep's results: (label, budget) -> a tensor per cell.
+Results = dict[tuple[str, float], torch.Tensor]
 
 
 class _ScoringPrefillCache(PrefixKVCache):
@@ -63,9 +68,10 @@ class _ScoringPrefillCache(PrefixKVCache):
         return bool(self.scorers)
 
     def layer_prefilled(self, layer_idx, queries, keys, lse=None) -> None:
-        for key, method in self.scorers.items():
-            with self.timer.region("score"):
-                self.scored[key][layer_idx] = method.score_prompt(queries, keys, layer_idx, lse)
+        with shared_attention_mass():  # H2O's and PrefixKV's scores read the same attention mass: one pass
+            for key, method in self.scorers.items():
+                with self.timer.region("score"):
+                    self.scored[key][layer_idx] = method.score_prompt(queries, keys, layer_idx, lse)
 
 
 class PrefilledPrompt:
@@ -107,17 +113,20 @@ class PrefilledPrompt:
         cache = make_cache(
             self.model, method, budget, planned, timer=self.timer, compress_in_prefill=False, **method_kwargs
         )
-        scores = None
-        if cache.method.needs_scores:
-            scores = self.scores.get(cache.method.scorer)
-            if scores is None:
-                raise ValueError(
-                    f"method {cache.method.name!r} scores the prompt with a scorer that did not run at prefill: "
-                    "name it in prefill(methods=...)"
-                )
-        cache.adopt_prefill(self.keys, self.values, scores)
+        cache.adopt_prefill(self.keys, self.values, self._scores_of(cache.method))
         cache.compress()
         return cache
+
+    def _scores_of(self, method: Method) -> list[torch.Tensor] | None:
+        """`method`'s scores per layer (None for a method that does not score), or ValueError naming it."""
+        if not method.needs_scores:
+            return None
+        if method.scorer not in self.scores:
+            raise ValueError(
+                f"method {method.name!r} scores the prompt with a scorer that did not run at prefill: name it in "
+                "prefill(methods=...)"
+            )
+        return self.scores[method.scorer]
 
     @torch.inference_mode()
     def continuation_logprobs(
@@ -147,6 +156,61 @@ class PrefilledPrompt:
         """As `prefixkv.generate` for this prompt, greedy: the `max_new_tokens` new tokens (batch, new) int64."""
         check_count("max_new_tokens", max_new_tokens, 1)
         return self._generate(max_new_tokens, self._question(question), method, budget, **method_kwargs)
+
+    @torch.inference_mode()
+    def sweep_logprobs(
+        self,
+        continuation: torch.Tensor,
+        *,
+        methods: Sequence[str | Method],
+        budgets: Sequence[float],
+        question: torch.Tensor | None = None,
+        **method_kwargs,
+    ) -> Results:
+        """`prefixkv.sweep_logprobs` on this prompt (every method's scorer must have run at prefill)."""
+        continuation = check_token_ids(self.model, "continuation", continuation, self.input_ids)
+        cells = sweep_cells(methods, budgets, method_kwargs)
+        return self._sweep_logprobs(cells, continuation, self._question(question))
+
+    @torch.inference_mode()
+    def sweep_generate(
+        self,
+        *,
+        methods: Sequence[str | Method],
+        budgets: Sequence[float],
+        max_new_tokens: int,
+        question: torch.Tensor | None = None,
+        **method_kwargs,
+    ) -> Results:
+        """`prefixkv.sweep_generate` on this prompt (every method's scorer must have run at prefill)."""
+        check_count("max_new_tokens", max_new_tokens, 1)
+        cells = sweep_cells(methods, budgets, method_kwargs)
+        return self._sweep_generate(cells, max_new_tokens, self._question(question))
+
+    def _sweep_logprobs(self, cells: list[SweepCell], continuation, question) -> Results:
+        return self._sweep(cells, lambda method, budget: self._logprobs(continuation, question, method, budget))
+
+    def _sweep_generate(self, cells: list[SweepCell], max_new_tokens, question) -> Results:
+        return self._sweep(cells, lambda method, budget: self._generate(max_new_tokens, question, method, budget))
+
+    def _sweep(
+        self, cells: list[SweepCell], run: Callable[[Method, float], torch.Tensor]
+    ) -> Results:
+        """`run(method, budget)` for every cell, one compressed cache at a time; a full cache is computed once
+        whatever its budget (it keeps every entry, and no decode policy evicts at a keep ratio of 1)."""
+        for cell in cells:
+            self._scores_of(cell.method)  # every scorer present, before any work
+        results: Results = {}
+        full: dict[str, torch.Tensor] = {}
+        for cell in cells:
+            if isinstance(cell.method, FullCache):
+                identity = repr(cell.method)
+                if identity not in full:
+                    full[identity] = run(cell.method, 1.0)
+                results[cell.key] = full[identity]
+            else:
+                results[cell.key] = run(cell.method, cell.budget)
+        return results
 
     def _logprobs(self, continuation, question, method, budget, **method_kwargs) -> torch.Tensor:
         cache = self.cache(method, budget, fed_after_compression(question, continuation.shape[1]), **method_kwargs)
@@ -229,24 +293,6 @@ def _methods(methods: Sequence[str | Method], method_kwargs: Mapping[str, object
     return out
 
 
-def _sweep(
-    cells: list[SweepCell], run: Callable[[Method, float], torch.Tensor]
-) -> dict[tuple[str, float], torch.Tensor]:
-    """`run(method, budget)` for every cell; a full cache is computed once whatever its budget (it keeps every
-    entry, and no decode policy evicts at a keep ratio of 1)."""
-    results: dict[tuple[str, float], torch.Tensor] = {}
-    full: dict[str, torch.Tensor] = {}
-    for cell in cells:
-        if isinstance(cell.method, FullCache):
-            identity = repr(cell.method)
-            if identity not in full:
-                full[identity] = run(cell.method, 1.0)
-            results[cell.key] = full[identity]
-        else:
-            results[cell.key] = run(cell.method, cell.budget)
-    return results
-
-
 @torch.inference_mode()
 def sweep_logprobs(
     model: nn.Module,
@@ -258,7 +304,7 @@ def sweep_logprobs(
     question: torch.Tensor | None = None,
     timer: Timer | None = None,
     **method_kwargs,
-) -> dict[tuple[str, float], torch.Tensor]:
+) -> Results:
     """Log-probabilities of `continuation` ((batch, T) ids) under every method x budget, from one prefill:
     `{(label, budget): (batch, T) float32}`, each equal to `prefixkv.continuation_logprobs` for that pair, and
     `("full", 1.0)`, the full cache's, always included.
@@ -273,7 +319,7 @@ def sweep_logprobs(
     question = None if question is None else check_token_ids(model, "question", question, input_ids)
     cells = sweep_cells(methods, budgets, method_kwargs)
     prompt = PrefilledPrompt(model, inputs, input_ids, [cell.method for cell in cells], check_timer(timer))
-    return _sweep(cells, lambda method, budget: prompt._logprobs(continuation, question, method, budget))
+    return prompt._sweep_logprobs(cells, continuation, question)
 
 
 @torch.inference_mode()
@@ -287,7 +333,7 @@ def sweep_generate(
     question: torch.Tensor | None = None,
     timer: Timer | None = None,
     **method_kwargs,
-) -> dict[tuple[str, float], torch.Tensor]:
+) -> Results:
     """Greedy generation under every method x budget, from one prefill: `{(label, budget): (batch, new) int64}`,
     the new tokens of `prefixkv.generate` for that pair, `("full", 1.0)` included. Arguments as in
     `sweep_logprobs`."""
@@ -296,4 +342,4 @@ def sweep_generate(
     question = None if question is None else check_token_ids(model, "question", question, input_ids)
     cells = sweep_cells(methods, budgets, method_kwargs)
     prompt = PrefilledPrompt(model, inputs, input_ids, [cell.method for cell in cells], check_timer(timer))
-    return _sweep(cells, lambda method, budget: prompt._generate(max_new_tokens, question, method, budget))
+    return prompt._sweep_generate(cells, max_new_tokens, question)

@@ -51,7 +51,7 @@ def fed(model, inputs, method, tokens, schedule, *, budget=0.25, planned=None, c
         decoder = Decoder(model, cache, tokens.shape[0], compile)
         for size in schedule:
             piece = tokens[:, start : start + size]
-            pieces.append(decoder(piece[:, 0])[:, None] if size == 1 else decoder.feed(piece, size))
+            pieces.append(decoder(piece[:, 0])[:, None] if size == 1 else decoder.feed(piece, size, compile))
             start += size
     return torch.log_softmax(torch.cat(pieces, dim=1), -1), cache
 
@@ -171,6 +171,17 @@ def test_compiled_chunk_and_steps_after_it_match_eager(llama, dynamo_only, polic
     assert_same_cache(by_compiled, by_step)
 
 
+def test_generate_with_a_question_compiled_matches_eager(llama, dynamo_only):
+    """The question runs as an eager chunk, the steps after it compiled: one graph (the step's), the eager tokens."""
+    inputs = text_inputs(batch=2, seq=PROMPT, seed=8)
+    kwargs = {"method": "prefixkv", "budget": 0.25, "max_new_tokens": 6, "decode": "fixed_position"}
+    eager = prefixkv.generate(llama, inputs, question=_tokens(2, 5, seed=8), **kwargs)
+    with compile_counters() as counted:
+        compiled = prefixkv.generate(llama, inputs, question=_tokens(2, 5, seed=8), compile=True, **kwargs)
+    assert counted["graph_breaks"] == 0 and counted["graphs"] == 1
+    assert torch.equal(compiled.sequences, eager.sequences)
+
+
 def test_compiled_continuation_logprobs_match_eager(llama, dynamo_only):
     inputs = text_inputs(batch=2, seq=PROMPT, seed=7)
     continuation = _tokens(2, 9, seed=7)
@@ -244,3 +255,33 @@ def test_question_is_checked(llama):
         prefixkv.generate(llama, inputs, question=torch.full((2, 3), 96), **kwargs)
     with pytest.raises(TypeError, match="question must be a torch.Tensor"):
         prefixkv.continuation_logprobs(llama, inputs, _tokens(2, 2), method="full", budget=1.0, question=[1, 2])
+
+
+# --- CUDA ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["grow", "fixed_position", "score"])
+def test_cuda_chunk_never_synchronises_and_graph_steps_follow(policy):
+    """On CUDA: a chunk forward makes the host wait for nothing (CUDA's sync debug mode turns a sync into an error),
+    and CUDA-graph steps after it reproduce the eager steps (as `generate(question=..., compile=True)` runs)."""
+    torch._dynamo.reset()
+    model = tiny_llama().cuda()
+    inputs = {"input_ids": text_inputs(batch=2, seq=PROMPT, seed=6)["input_ids"].cuda()}
+    tokens = _tokens(2, 12, seed=6).cuda()
+    kwargs = {"decode": policy, "decode_recent": 2}
+    steps, _ = fed(model, inputs, "snapkv", tokens, [1] * 12, window=8, **kwargs)
+    cache = make_cache(model, "snapkv", 0.25, 12, window=8, **kwargs)
+    with torch.no_grad(), bind(model, cache):
+        _prefill(model, inputs, cache)
+        cache.compress()
+        decoder = Decoder(model, cache, 2, compile=True)  # CUDA graphs for the steps; the chunk runs eagerly
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            chunk = decoder.feed(tokens[:, :8], 8)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        after = [decoder(tokens[:, t])[:, None] for t in range(8, 12)]
+    compiled = torch.log_softmax(torch.cat([chunk, *after], dim=1), -1)
+    torch.testing.assert_close(compiled, steps, atol=1e-3, rtol=1e-3)

@@ -109,15 +109,21 @@ def test_method_instances_and_spec_labels(llama):
     torch.testing.assert_close(out[("snapkv", 0.3)], want, atol=ATOL, rtol=0)
 
 
-def test_each_scorer_runs_once_per_layer_and_the_full_cache_once(llama):
-    """uniform/prefixkv share a scorer, snapkv/pyramidkv another, h2o has its own: 3 scoring runs per layer. The
-    full cache is the same at every budget: one chunk forward for all its cells."""
+def test_each_scorer_runs_once_per_layer_and_the_full_cache_once(llama, monkeypatch):
+    """uniform/prefixkv share a scorer, snapkv/pyramidkv another, h2o has its own: 3 scoring runs per layer, and
+    two passes over the keys (h2o's and prefixkv's scores read the same attention mass). The full cache is the same
+    at every budget: one chunk forward for all its cells."""
+    from prefixkv import scoring
+
+    passes, attention_scores = [], scoring.attention_scores
+    monkeypatch.setattr(scoring, "attention_scores", lambda *a, **kw: passes.append(1) or attention_scores(*a, **kw))
     timer = RegionCounter()
     out = prefixkv.sweep_logprobs(
         llama, text_inputs(batch=2, seq=PROMPT), _tokens(2, 5), methods=METHODS, budgets=BUDGETS, timer=timer
     )
     assert timer.counts["prefill"] == 1
     assert timer.counts["score"] == 3 * 3  # 3 distinct scorers x 3 layers
+    assert len(passes) == 2 * 3  # the full-window mass and SnapKV's window, per layer
     assert timer.counts["chunk"] == (len(METHODS) - 1) * len(BUDGETS) + 1
     assert out[("full", 0.25)] is out[("full", 1.0)]
 
@@ -230,6 +236,27 @@ def test_prefilled_prompt_is_read_never_written(llama):
     with pytest.raises(ValueError, match="did not run at prefill"):
         prompt.continuation_logprobs(_tokens(2, 5), method="snapkv", budget=0.25)
     prompt.continuation_logprobs(_tokens(2, 5), method="streaming_llm", budget=0.25)  # no scores needed
+
+
+def test_one_prefill_serves_both_sweeps(llama):
+    """The prompt's own sweeps equal the top-level ones; a method whose scorer did not run is named before any
+    cell is computed."""
+    inputs = text_inputs(batch=2, seq=PROMPT, seed=5)
+    continuation = _tokens(2, 5, seed=5)
+    methods = ["h2o", "prefixkv", "streaming_llm"]
+    timer = RegionCounter()
+    prompt = prefixkv.prefill(llama, inputs, methods=methods, timer=timer)
+    logprobs = prompt.sweep_logprobs(continuation, methods=methods, budgets=BUDGETS, decode="score")
+    tokens = prompt.sweep_generate(methods=methods, budgets=BUDGETS, max_new_tokens=4)
+    assert timer.counts["prefill"] == 1
+    want = prefixkv.sweep_logprobs(llama, inputs, continuation, methods=methods, budgets=BUDGETS, decode="score")
+    assert want.keys() == logprobs.keys() and all(torch.equal(want[k], logprobs[k]) for k in want)
+    want = prefixkv.sweep_generate(llama, inputs, methods=methods, budgets=BUDGETS, max_new_tokens=4)
+    assert want.keys() == tokens.keys() and all(torch.equal(want[k], tokens[k]) for k in want)
+    chunks = timer.counts.get("chunk", 0)
+    with pytest.raises(ValueError, match="'snapkv' scores the prompt with a scorer that did not run"):
+        prompt.sweep_logprobs(continuation, methods=["h2o", "snapkv"], budgets=BUDGETS)
+    assert timer.counts.get("chunk", 0) == chunks, "no cell ran before the error"
 
 
 def test_sweep_arguments_are_checked(llama):
