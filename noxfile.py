@@ -81,10 +81,12 @@ def fetch(session: nox.Session) -> None:
 
 @nox.session(name="quality-real", default=False)
 def quality_real(session: nox.Session) -> None:
-    """Real-text quality of every method x budget on SmolLM2-135M (run `nox -s fetch` once first)."""
+    """Real-text quality of every method x budget on SmolLM2-135M at 2k tokens, with intervals (hours on 2 cores)."""
     _install(session, ".[realmodel]")
-    args = session.posargs or ["--methods", "all", "--budgets", "0.1,0.2,0.3,0.5", "--threads", "2"]
-    session.run("python", "-m", "bench.realtext.evaluate", *args)
+    results = str(ROOT / "reports" / "quality")
+    matrix = str(ROOT / "bench" / "matrices" / "quality.toml")
+    session.run("python", "-m", "bench", "run", "--matrix", matrix, "--results", results, *session.posargs)
+    session.run("python", "-m", "bench", "report", "--results", results)
 
 
 @nox.session(name="train-embedded", default=False)

@@ -194,7 +194,10 @@ def _run(args: argparse.Namespace) -> int:
                 if executor.local_instance:
                     raise BadInput(line)
                 print(f"bench run: warning: {line}; its cells wait until such a node joins", file=sys.stderr)
-        outcomes = sweep(cells, args.results, force=args.force, matrix_name=mx.name, executor=executor)
+        timed = mx.quality is None or mx.quality.timing
+        outcomes = sweep(cells, args.results, force=args.force, matrix_name=mx.name, executor=executor) if timed else []
+        if mx.quality is not None:
+            _quality(cells, mx, args.results, timed)
     except store.StoreLocked as err:
         raise BadInput(str(err)) from None
     except ExecutorError as err:
@@ -208,6 +211,17 @@ def _run(args: argparse.Namespace) -> int:
     ran = sum(o.status != "skipped" for o in outcomes)
     print(f"{ran} cells run, {len(outcomes) - ran} skipped, {len(failed)} failed; results in {args.results}")
     return 1 if args.strict and failed else 0
+
+
+def _quality(cells, mx, results: str, timed: bool) -> None:
+    """The matrix's `[quality]` table: the quality engine's columns into the cells' parts (`bench.evaluation.suite`)."""
+    from bench.evaluation import suite
+    from bench.runner import new_run_id
+
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    columns = suite.evaluate_cells(cells, mx.quality, results, threads=mx.cpu_threads, progress=say)
+    written = suite.write_parts(results, cells, columns, timed=timed, matrix_name=mx.name, run_id=new_run_id())
+    print(f"quality: {written} cells carry the quality engine's columns")
 
 
 def _merge(args: argparse.Namespace) -> int:

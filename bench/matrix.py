@@ -22,6 +22,10 @@ A matrix file has one `[matrix]` table (see `bench/matrices/default.toml` for ev
     [method_kwargs.prefixkv]           # optional hyper-parameters per method
     min_keep = 4
 
+    [quality]                          # optional: the cells' quality from the quality engine (bench.evaluation)
+    prompts = 64                       # per task; see bench.evaluation.spec.QualitySpec for every field
+    length = 2048
+
 A cell is one (model, device, dtype, batch size, text length, new tokens, method, budget, hyper-parameters, seed,
 CPU threads);
 its key hashes exactly those fields, so results of the same cell from different machines or runs line up.
@@ -36,6 +40,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from bench.evaluation.spec import QualitySpec
 
 try:
     import tomllib
@@ -159,6 +165,8 @@ class Matrix:
     #: Explicit (batch, text, new) shapes; when set they replace the product of the three lists.
     workloads: tuple[tuple[int, int, int], ...] | None = None
     method_kwargs: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    #: The `[quality]` table: the cells' quality columns come from the quality engine (None: from each cell).
+    quality: QualitySpec | None = None
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """The (batch, text tokens, new tokens) workloads."""
@@ -227,9 +235,15 @@ def parse(
 ) -> Matrix:
     """Validate a parsed TOML document (see the module docstring) into a `Matrix`. Errors about a field that an
     override replaced name the override's flag (`--budgets: ...`), not the file."""
-    unknown_tables = set(raw) - {"matrix", "method_kwargs"}
+    unknown_tables = set(raw) - {"matrix", "method_kwargs", "quality"}
     if unknown_tables:
-        raise MatrixError(f"{source}: unknown table(s) {sorted(unknown_tables)}; expected [matrix], [method_kwargs.*]")
+        raise MatrixError(
+            f"{source}: unknown table(s) {sorted(unknown_tables)}; expected [matrix], [method_kwargs.*], [quality]"
+        )
+    try:
+        quality = QualitySpec.from_table(raw["quality"]) if "quality" in raw else None
+    except (TypeError, ValueError) as err:
+        raise MatrixError(f"{source}: [quality] {err}") from None
     table = raw.get("matrix")
     if not isinstance(table, Mapping):
         raise MatrixError(f"{source}: missing the [matrix] table")
@@ -301,7 +315,8 @@ def parse(
             METHODS[method](**kwargs)
         except (TypeError, ValueError) as err:
             raise MatrixError(f"{source}: [method_kwargs.{method}] {err}") from None
-    return Matrix(**fields, workloads=workloads, method_kwargs={k: dict(v) for k, v in method_kwargs.items()})
+    return Matrix(**fields, workloads=workloads, method_kwargs={k: dict(v) for k, v in method_kwargs.items()},
+                  quality=quality)
 
 
 def _workloads(source: str, raw: object, values: Mapping[str, object]) -> tuple[tuple[int, int, int], ...] | None:

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = spec.settings(args.model)
-    labels = ["full", *(v.label for v in variants)]
+    labels = [v.label for v in variants]
     if args.stored:
         records = run.load(args.out, settings)
         if not records:
