@@ -13,6 +13,7 @@ continuation; `agreement` (top-1 agreement with the full cache's greedy output) 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -122,8 +123,8 @@ def evaluate(
         row = {"settings": dict(settings), "prompt": prompt.id, "task": prompt.task, "measure": prompt.measure,
                "seconds": time.perf_counter() - t0, "pairs": scores}
         if out is not None:
-            with lock, open(out, "a") as f:  # one line per prompt: a crash loses at most the prompt in hand
-                f.write(json.dumps(row) + "\n")
+            with lock:  # one line per prompt: a crash loses at most the prompt in hand
+                _append(out, json.dumps(row))
         record = done.setdefault(prompt.id, {**row, "pairs": {}})
         record["pairs"].update(scores)
         elapsed = time.perf_counter() - started
@@ -131,6 +132,16 @@ def evaluate(
         progress(f"[{n}/{len(todo)}] {prompt.id}  {row['seconds']:.0f} s  ({len(missing)} pairs)  elapsed "
                  f"{_clock(elapsed)}  ETA {_clock(eta)}")
     return load(out, settings) if out is not None else done
+
+
+def _append(path: Path, line: str) -> None:
+    """Append `line` to `path` on a line of its own, even after a line that a crash cut short."""
+    with open(path, "a+b") as f:
+        size = f.seek(0, 2)
+        cut = size > 0 and f.seek(size - 1) >= 0 and f.read(1) != b"\n"
+        f.write((b"\n" if cut else b"") + line.encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _clock(seconds: float) -> str:
