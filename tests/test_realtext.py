@@ -195,33 +195,7 @@ def test_continuation_samples_are_consecutive_text(tiny):
     assert text in corpus.documentation()
 
 
-def test_retrieval_fact_sits_at_its_depth(tiny):
-    _, tokenizer = tiny
-    samples = corpus.retrieval_samples(tokenizer, 400, [0.1, 0.5, 0.9], 1, seed=3)
-    positions = []
-    for s in samples:
-        text = tokenizer.decode(s.prompt[0])
-        fact = f"The access code of the {s.key} is{s.answer}."
-        assert fact in text and text.endswith(f"Answer: The access code of the {s.key} is")
-        context = text.index("\n\nQuestion:") - len(fact)  # depth is relative to the documentation around the fact
-        positions.append(text.index(fact) / context)
-        assert abs(s.prompt.shape[1] - 400) <= 2
-    assert positions == sorted(positions) and positions[0] < 0.3 and positions[-1] > 0.7
-
-
-@pytest.mark.parametrize("bad", [{"length": 10}, {"depths": [1.5]}])
-def test_retrieval_rejects_bad_arguments(tiny, bad):
-    _, tokenizer = tiny
-    args = {"length": 200, "depths": [0.5], **bad}
-    with pytest.raises(ValueError):
-        corpus.retrieval_samples(tokenizer, args["length"], args["depths"], 1)
-
-
-# --- evaluation -------------------------------------------------------------------------------------------------
-
-SMALL = evaluate.Settings(
-    length=200, samples=1, continuation=4, depths=(0.5,), per_depth=1, agreement_samples=1, new_tokens=3
-)
+# --- evaluation (the quality engine's command line on the converted model) --------------------------------------
 
 
 def test_parse_methods():
@@ -235,46 +209,22 @@ def test_parse_methods():
         evaluate.parse_methods("nope")
 
 
-def test_evaluate_rows_and_resume(tiny, tmp_path, monkeypatch):
-    model, tokenizer = tiny
-    out = tmp_path / "rows.jsonl"
-    variants = evaluate.parse_methods("prefixkv,streaming_llm")
-    rows = evaluate.run(model, tokenizer, variants, [0.5], SMALL, out=out, model_name="tiny")
-    assert [(r["method"], r["budget"]) for r in rows] == [("full", 1.0), ("prefixkv", 0.5), ("streaming_llm", 0.5)]
-    full = rows[0]
-    assert full["d_nll"] == 0.0 and full["agreement"] == 1.0 and full["rouge_l"] == 1.0
-    assert full["kept"] == [200.0] * LAYERS
-    for row in rows[1:]:
-        assert sum(row["kept"]) == round(0.5 * 200 * LAYERS)
-        assert 0.0 <= row["retrieval"] <= 1.0 and row["nll"] > 0
-    assert len(out.read_text().splitlines()) == 3
-
-    def no_eval(*args, **kwargs):
-        raise AssertionError("a stored row was evaluated again")
-
-    monkeypatch.setattr(evaluate.Tasks, "evaluate", no_eval)
-    again = evaluate.run(model, tokenizer, variants, [0.5], SMALL, out=out, model_name="tiny")
-    assert [r["nll"] for r in again] == [r["nll"] for r in rows]
-    text = evaluate.table(again)
-    assert text.count("\n") == 4 and "| prefixkv | 0.5 |" in text
-    stored = evaluate.run(None, None, [], [0.5], SMALL, out=out, model_name="tiny")
-    assert [r["method"] for r in stored] == ["full", "prefixkv", "streaming_llm"]
-
-
 def test_evaluate_command(converted, tmp_path, capsys):
     table = tmp_path / "table.md"
     code = evaluate.main([
-        "--model", str(converted), "--methods", "uniform", "--budgets", "0.25", "--length", "200", "--samples", "1",
-        "--continuation", "3", "--depths", "0.5", "--per-depth", "1", "--agreement-samples", "1", "--new-tokens",
-        "2", "--table", str(table),
+        "--model", str(converted), "--methods", "uniform", "--budgets", "0.25", "--length", "600", "--prompts", "1",
+        "--tasks", "niah_single,continuation", "--continuation", "3", "--table", str(table),
     ])
     assert code == 0
-    assert "| uniform | 0.25 |" in capsys.readouterr().out and "| full | 1 |" in table.read_text()
+    out = capsys.readouterr().out
+    assert "| `uniform` |" in out and "niah_single (exact-match points)" in table.read_text()
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["--methods", "bogus"], "unknown method 'bogus'"), (["--budgets", "1.5"], "budget must be in (0, 1]")],
+    [(["--methods", "bogus"], "unknown method 'bogus'"), (["--budgets", "1.5"], "budget must be in (0, 1]"),
+     (["--tasks", "nope"], "unknown quality task 'nope'"), (["--shard", "2/2"], "need 0 <= I < N"),
+     (["--length", "100"], "length must be an integer >= 256")],
 )
 def test_evaluate_command_bad_input(argv, message, capsys):
     assert evaluate.main(argv) == 2
