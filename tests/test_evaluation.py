@@ -221,7 +221,7 @@ def test_matrix_quality_table_fills_the_cells_columns(llama_dir, tmp_path):
 models = ["hf:{llama_dir}"]
 text_lengths = [32]
 new_tokens = [4]
-methods = ["full", "snapkv", "prefixkv"]
+methods = ["full", "uniform", "prefixkv"]
 budgets = [0.3]
 repetitions = 1
 warmup = 0
@@ -245,6 +245,8 @@ timing = false
     assert set(frame["quality_loss_unit"]) == {summary.POINTS}
     assert (frame.loc[frame.method == "full", "quality_loss"] == 0).all()
     assert (frame["quality_samples"] == 2).all()
+    gain = frame.set_index("method")["allocation_gain"]  # PrefixKV over its uniform ablation, paired
+    assert gain.isna()["uniform"] and gain.isna()["full"] and not gain.isna()["prefixkv"]
     assert list((results / "quality").glob("*.jsonl"))
 
 

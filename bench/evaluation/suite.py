@@ -5,8 +5,11 @@ checkpoint directory - one evaluation runs every method x budget of the matrix o
 prefill per prompt; `bench.evaluation.run`), its records in `DIR/quality/<settings digest>.jsonl` (resumable, like
 the sweep). Each cell then carries, in every row of its part, the columns of `bench.evaluation.summary.row_columns`:
 `quality_loss`, `quality_loss_lo`, `quality_loss_hi`, `quality_loss_unit`, `quality_samples`, `quality_source`,
-`quality_detail`. With `timing = false` the cells are not timed: their part is one row of configuration and quality
-(`quality_only` true); otherwise the quality columns are added to the parts the sweep wrote.
+`quality_detail`; a `prefixkv` cell whose uniform ablation with the same scores is in the matrix also carries
+`allocation_gain`, `allocation_gain_lo`, `allocation_gain_hi`, `allocation_gain_unit` (the adaptive allocation's
+paired gain; positive: better). With `timing = false` the cells are not timed: their part is one row of
+configuration and quality (`quality_only` true); otherwise the quality columns are added to the parts the sweep
+wrote.
 """
 
 from __future__ import annotations
@@ -42,6 +45,31 @@ def variant_of(cell: Cell) -> Variant:
     kwargs = dict(sorted(cell.method_kwargs.items()))
     label = cell.method + ("[" + ",".join(f"{k}={v!r}" for k, v in kwargs.items()) + "]" if kwargs else "")
     return Variant(label, cell.method, kwargs)
+
+
+def uniform_of(cell: Cell) -> Variant | None:
+    """PrefixKV's uniform ablation with the same scores (the cell's hyper-parameters but PrefixKV's own allocation
+    fields), for a `prefixkv` cell; None otherwise."""
+    if cell.method != "prefixkv":
+        return None
+    from prefixkv.methods.prefixkv import PrefixKV
+    from prefixkv.methods.uniform import Uniform
+
+    own = set(PrefixKV.__dataclass_fields__) - set(Uniform.__dataclass_fields__)
+    kwargs = {k: v for k, v in cell.method_kwargs.items() if k not in own}
+    return variant_of(Cell(**{**cell.__dict__, "method": "uniform", "method_kwargs": kwargs}))
+
+
+def _gain_columns(records, label: str, ablation: str, budget: float) -> dict:
+    """`allocation_gain` (PrefixKV's pooled paired gain over its uniform ablation at the same budget; positive:
+    the adaptive allocation is better), its 95% interval and unit."""
+    gains = summary.gain(records, label, ablation, budget)
+    head = summary.headline(records, label, budget)
+    if "pooled" not in gains or head is None:
+        return {}
+    pooled = gains["pooled"]
+    return {"allocation_gain": pooled.mean, "allocation_gain_lo": pooled.lo, "allocation_gain_hi": pooled.hi,
+            "allocation_gain_unit": head[1]}
 
 
 def _settings(spec: QualitySpec, cell: Cell) -> dict:
@@ -91,10 +119,14 @@ def evaluate_cells(
         records = run.evaluate(model, prompts, variants, budgets or [1.0], protocol=spec.protocol,
                                new_tokens=spec.new_tokens, settings=settings, out=out, progress=progress)
         source = spec.describe(tasks)
+        labels = {variant_of(c).label for c in group}
         for cell in group:
             label = "full" if cell.method == "full" else variant_of(cell).label
             columns[cell.key] = summary.row_columns(records, label, 1.0 if cell.method == "full" else cell.budget,
                                                     source)
+            ablation = uniform_of(cell)
+            if ablation is not None and ablation.label in labels:
+                columns[cell.key].update(_gain_columns(records, label, ablation.label, cell.budget))
         del model
     return columns
 
