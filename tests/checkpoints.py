@@ -28,7 +28,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def _byte_vocab() -> list[str]:
+def byte_vocab() -> list[str]:
     """GPT-2's byte-to-unicode table: 256 single-character tokens that spell any UTF-8 text."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -43,7 +43,7 @@ def _byte_vocab() -> list[str]:
 
 def byte_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
     """One token per byte, plus `<|user|>`, `<|assistant|>`, `<|end|>` and `<image>`; a chat template if `chat`."""
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(_byte_vocab())}, merges=[]))
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(byte_vocab())}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(

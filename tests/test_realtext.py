@@ -10,30 +10,18 @@ import pytest
 import torch
 
 from bench.realtext import corpus, evaluate, fetch, loading
+from tests.checkpoints import byte_vocab
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, FFN = 2, 32, 4, 2, 64
 
 
-def _byte_vocab() -> list[str]:
-    """GPT-2's byte-to-unicode table: 256 single-character tokens that spell any UTF-8 text."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs, strict=True))]
-
-
 def write_tiny_gguf(path) -> None:
     """A 2-layer Llama (GQA 4/2 heads) in float32 with random weights and a byte-level BPE tokenizer."""
     import gguf
 
-    tokens = _byte_vocab() + ["Ġt", "Ġa", "<|endoftext|>"]
+    tokens = byte_vocab() + ["Ġt", "Ġa", "<|endoftext|>"]
     merges = ["Ġ t", "Ġ a"]
     vocab = len(tokens)
     writer = gguf.GGUFWriter(str(path), "llama")

@@ -79,26 +79,18 @@ def _key(rng: random.Random) -> str:
     return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
 
 
-def _keys(rng: random.Random, count: int) -> list[str]:
-    keys: list[str] = []
-    while len(keys) < count:
-        key = _key(rng)
-        if key not in keys:
-            keys.append(key)
-    return keys
+def _distinct(draw: Callable[[], str], count: int) -> list[str]:
+    """`count` different values of `draw()`, in the order drawn."""
+    values: list[str] = []
+    while len(values) < count:
+        value = draw()
+        if value not in values:
+            values.append(value)
+    return values
 
 
 def _number(rng: random.Random) -> str:
     return str(rng.randrange(1_000_000, 10_000_000))
-
-
-def _numbers(rng: random.Random, count: int) -> list[str]:
-    values: list[str] = []
-    while len(values) < count:
-        value = _number(rng)
-        if value not in values:
-            values.append(value)
-    return values
 
 
 _NIAH_INSTRUCTION = (
@@ -127,7 +119,7 @@ def niah_single(rng: random.Random, depth: float) -> Draft:
 
 def niah_multikey(rng: random.Random, depth: float, keys: int = 4) -> Draft:
     """`keys` needles with distinct keys (the others are distractors at random depths); one is asked."""
-    names, values = _keys(rng, keys), _numbers(rng, keys)
+    names, values = _distinct(lambda: _key(rng), keys), _distinct(lambda: _number(rng), keys)
     inserts = [(depth, _needle(names[0], values[0]))]
     inserts += [(rng.random(), _needle(k, v)) for k, v in zip(names[1:], values[1:], strict=True)]
     return Draft(
@@ -144,7 +136,7 @@ def niah_multikey(rng: random.Random, depth: float, keys: int = 4) -> Draft:
 def niah_multivalue(rng: random.Random, depth: float, values: int = 2) -> Draft:
     """`values` needles with the same key and different values, the first at `depth`, the others after it; the
     answer lists them all, in the order they appear."""
-    key, numbers = _key(rng), _numbers(rng, values)
+    key, numbers = _key(rng), _distinct(lambda: _number(rng), values)
     depths = [depth] + sorted(depth + (1 - depth) * rng.random() for _ in range(values - 1))
     return Draft(
         _NIAH_INSTRUCTION,
@@ -164,11 +156,7 @@ def _variable(rng: random.Random) -> str:
 def variable_tracking(rng: random.Random, depth: float, hops: int = 1) -> Draft:
     """A chain of assignments (`VAR QWERT = 4821337.`, then `VAR ASDFG = VAR QWERT.` ...) from `depth` on, one
     statement per hop at increasing depths; the question asks the value of the chain's last variable."""
-    names: list[str] = []
-    while len(names) < hops + 1:
-        name = _variable(rng)
-        if name not in names:
-            names.append(name)
+    names = _distinct(lambda: _variable(rng), hops + 1)
     value = _number(rng)
     depths = [depth] + sorted(depth + (1 - depth) * rng.random() for _ in range(hops))
     statements = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in pairwise(names)]
