@@ -94,27 +94,30 @@ def headline(records: Mapping[str, Mapping], label: str, budget: float) -> tuple
     return None
 
 
-def gain(records: Mapping[str, Mapping], label: str, over: str, budget: float) -> dict[str, Interval]:
+def gain(records: Mapping[str, Mapping], label: str, over: str, budget: float, *,
+         loss: bool = False) -> dict[str, Interval]:
     """How much better `label` does than `over` at `budget` on the same prompts ({"pooled": ..., task: ...}):
-    the paired difference of their losses against the full cache, positive when `label` is better (the headline's
-    measure pooled, and each task's first figure)."""
+    the paired difference of their scores, positive when `label` is better - the headline's measure pooled, and
+    each task's first figure; with `loss`, every task's per-token loss (nats/token: an exact-match task's answer,
+    a continuation, the full cache's output), pooled over every prompt."""
     a_key, b_key = pair_key(label, budget), pair_key(over, budget)
-    out: dict[str, Interval] = {}
+    out: dict[str, list[float]] = {}
     pooled: dict[str, list[float]] = {}
     for record in records.values():
         pairs = record["pairs"]
         if a_key not in pairs or b_key not in pairs:
             continue
         name, score, _unit, scale, higher = _measures(record["measure"], record["task"])[0]
+        if loss:
+            name, score, scale, higher = record["task"], "nll", 1.0, False
         diff = (pairs[a_key][score] - pairs[b_key][score]) * scale
         diff = diff if higher else -diff
-        out.setdefault(name, []).append(diff)  # type: ignore[arg-type]
-        pooled.setdefault(record["measure"], []).append(diff)
-    result = {task: mean_interval(values) for task, values in out.items()}  # type: ignore[arg-type]
-    for measure in ("exact", "loyalty", "nll"):
+        out.setdefault(name, []).append(diff)
+        pooled.setdefault("all" if loss else record["measure"], []).append(diff)
+    result = {task: mean_interval(values) for task, values in out.items()}
+    for measure in ("all", "exact", "loyalty", "nll"):
         if measure in pooled:
-            result = {"pooled": mean_interval(pooled[measure]), **result}
-            break
+            return {"pooled": mean_interval(pooled[measure]), **result}
     return result
 
 
@@ -179,14 +182,17 @@ def task_table(records: Mapping[str, Mapping], labels: Sequence[str], budget: fl
     return "\n".join(lines)
 
 
-def gain_table(records: Mapping[str, Mapping], label: str, over: str, budgets: Sequence[float]) -> str:
-    """Markdown: `label`'s paired gain over `over` per budget, pooled and per task (positive: `label` better)."""
-    gains = {b: gain(records, label, over, b) for b in budgets}
+def gain_table(records: Mapping[str, Mapping], label: str, over: str, budgets: Sequence[float], *,
+               loss: bool = False) -> str:
+    """Markdown: `label`'s paired gain over `over` per budget, pooled and per task (positive: `label` better);
+    `loss` as in `gain`."""
+    gains = {b: gain(records, label, over, b, loss=loss) for b in budgets}
     names: list[str] = []
     for g in gains.values():
         names += [n for n in g if n not in names]
     lines = ["| budget | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
     for budget, g in gains.items():
-        lines.append(f"| {budget:g} | " + " | ".join(_cell(g[n], 3 if n.endswith(("nll", "continuation")) else 1)
-                                                     if n in g else "-" for n in names) + " |")
+        digits = [3 if loss or n == "continuation" or n.endswith(" nll") else 1 for n in names]
+        lines.append(f"| {budget:g} | " + " | ".join(_cell(g[n], d) if n in g else "-"
+                                                     for n, d in zip(names, digits, strict=True)) + " |")
     return "\n".join(lines)

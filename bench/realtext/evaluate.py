@@ -35,18 +35,23 @@ DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.5)
 __all__ = ["DEFAULT_BUDGETS", "Variant", "main", "parse_methods", "parse_variant", "tables"]
 
 
-def tables(records: dict, labels: list[str], budgets: list[float]) -> str:
-    """The markdown of a run: the headline loss per method x budget, each task at each budget, and PrefixKV's
-    allocation gain over `uniform` with the same scores where both ran."""
+def tables(records: dict, labels: list[str], budgets: list[float], versus: str | None = None) -> str:
+    """The markdown of a run: the headline loss per method x budget, each task at each budget, PrefixKV's
+    allocation gain over `uniform` with the same scores where both ran, and every method's paired gain over
+    `versus` if given."""
     parts = ["Headline: paired loss vs the full cache, mean [95% interval] ('~': the interval contains 0).", "",
              summary.headline_table(records, labels, budgets)]
     for budget in budgets:
         parts += ["", f"Budget {budget:g}, per task:", "", summary.task_table(records, labels, budget)]
     pairs = [(label, label.replace("prefixkv", "uniform", 1)) for label in labels if label.startswith("prefixkv")]
+    pairs = [(label, over) for label, over in pairs if over in labels]
+    if versus is not None:
+        pairs += [(label, versus) for label in labels if label != versus]
     for label, over in pairs:
-        if over in labels:
-            parts += ["", f"`{label}` over `{over}` (same scores, adaptive allocation; positive: `{label}` better):",
-                      "", summary.gain_table(records, label, over, budgets)]
+        parts += ["", f"`{label}` over `{over}`, paired (positive: `{label}` better), the headline's measure:", "",
+                  summary.gain_table(records, label, over, budgets), "", "and the per-token loss (nats/token) of "
+                  "every prompt's target (answers, continuations):", "",
+                  summary.gain_table(records, label, over, budgets, loss=True)]
     return "\n".join(parts)
 
 
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON-lines results file (appended; resumes)")
     parser.add_argument("--table", type=Path, help="write the markdown tables here too")
     parser.add_argument("--stored", action="store_true", help="evaluate nothing: tabulate what --out holds")
+    parser.add_argument("--versus", help="also tabulate every method's paired gain over this one (a --methods label)")
     args = parser.parse_args(argv)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if args.stored and not args.out:
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             f"shard {shard[0]}/{shard[1]}")
         records = run.evaluate(model, prompts, variants, budgets, protocol=spec.protocol, new_tokens=spec.new_tokens,
                                settings=settings, out=args.out, shard=shard, progress=say)
-    text = tables(records, labels, budgets)
+    text = tables(records, labels, budgets, args.versus)
     print(text)
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
