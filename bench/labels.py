@@ -11,13 +11,20 @@ from collections.abc import Mapping
 
 #: Models whose weights are trained, so that their outputs - and the quality figures computed from them - mean
 #: something. Every other named model has random weights (its quality figures compare noise with noise); `hf:`
-#: checkpoints are taken as trained.
+#: checkpoints and checkpoint directories are taken as trained.
 TRAINED_MODELS = ("embedded", "smollm2-135m")
 
 
 def quality_known(model: str) -> bool:
     """True when `model`'s quality figures mean something (trained weights)."""
-    return model in TRAINED_MODELS or str(model).startswith("hf:")
+    if model in TRAINED_MODELS or str(model).startswith("hf:"):
+        return True
+    from bench.models import ModelError, pretrained_path
+
+    try:
+        return pretrained_path(str(model)) is not None
+    except ModelError:
+        return False
 
 
 @functools.lru_cache(maxsize=64)
