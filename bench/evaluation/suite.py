@@ -69,7 +69,7 @@ def _gain_columns(records, label: str, ablation: str, budget: float) -> dict:
         return {}
     pooled = gains["pooled"]
     return {"allocation_gain": pooled.mean, "allocation_gain_lo": pooled.lo, "allocation_gain_hi": pooled.hi,
-            "allocation_gain_unit": head[1]}
+            "allocation_gain_unit": head.unit}
 
 
 def _settings(spec: QualitySpec, cell: Cell) -> dict:

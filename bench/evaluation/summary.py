@@ -80,8 +80,20 @@ def figures(records: Mapping[str, Mapping], label: str, budget: float) -> dict[s
     return out
 
 
-def headline(records: Mapping[str, Mapping], label: str, budget: float) -> tuple[Interval, str, str] | None:
-    """(pooled loss, unit, what it pools) of `label` at `budget`; None when no prompt has it."""
+@dataclass(frozen=True)
+class Headline:
+    """A variant's pooled loss (`loss`, in `unit`) over the prompts of one measure (`measure`), and the full
+    cache's mean value on them (`full`: exact-match % or nats/token)."""
+
+    loss: Interval
+    unit: str
+    measure: str
+    full: float
+
+
+def headline(records: Mapping[str, Mapping], label: str, budget: float) -> Headline | None:
+    """`label`'s headline at `budget`: the exact-match tasks pooled if any ran, else the agreement tasks' loss,
+    else the continuation's; None when no prompt has it."""
     key = pair_key(label, budget)
     rows = list(records.values())
     for measure, score, unit, scale, higher in (("exact", "exact", POINTS, 100.0, True),
@@ -90,7 +102,7 @@ def headline(records: Mapping[str, Mapping], label: str, budget: float) -> tuple
         chosen = [r for r in rows if r["measure"] == measure]
         full, value = _paired(chosen, key, score, scale, higher)
         if len(full):
-            return mean_interval(_loss(full, value, higher)), unit, measure
+            return Headline(mean_interval(_loss(full, value, higher)), unit, measure, float(full.mean()))
     return None
 
 
@@ -129,7 +141,7 @@ def row_columns(records: Mapping[str, Mapping], label: str, budget: float, sourc
     head = headline(records, label, budget)
     if head is None:
         return {}
-    loss, unit, _ = head
+    loss, unit = head.loss, head.unit
     detail = {name: fig.as_dict() for name, fig in figures(records, label, budget).items()}
     return {
         "quality_loss": loss.mean,
@@ -153,16 +165,22 @@ def _digits(unit: str) -> int:
 
 def headline_table(records: Mapping[str, Mapping], labels: Sequence[str], budgets: Sequence[float]) -> str:
     """Markdown: one row per variant, one column per budget, the headline loss and its interval ("~": the interval
-    contains 0, no measurable loss)."""
+    contains 0, no measurable loss); first, the full cache's own value on the same prompts."""
     head = ["method", *(f"@ {b:g}" for b in budgets)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
+    reference = None
     for label in labels:
         cells = []
         for budget in budgets:
             found = headline(records, label, budget)
-            cells.append("-" if found is None else _cell(found[0], _digits(found[1])))
-        lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            reference = reference or found
+            cells.append("-" if found is None else _cell(found.loss, _digits(found.unit)))
+        rows.append(f"| `{label}` | " + " | ".join(cells) + " |")
+    if reference is not None:
+        value = f"{reference.full:.1f}% exact" if reference.unit == POINTS else f"{reference.full:.3f} nats/token"
+        lines.append(f"| full cache ({value}, n={reference.loss.n}) | " + " | ".join("0" for _ in budgets) + " |")
+    return "\n".join(lines + rows)
 
 
 def task_table(records: Mapping[str, Mapping], labels: Sequence[str], budget: float) -> str:

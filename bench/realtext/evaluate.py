@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             f"shard {shard[0]}/{shard[1]}")
         records = run.evaluate(model, prompts, variants, budgets, protocol=spec.protocol, new_tokens=spec.new_tokens,
                                settings=settings, out=args.out, shard=shard, progress=say)
+    if "auto" not in spec.tasks:  # the file may hold other tasks' prompts too (same settings): tabulate these
+        records = {key: r for key, r in records.items() if r["task"] in spec.tasks}
     text = tables(records, labels, budgets, args.versus)
     print(text)
     if args.table:
