@@ -77,11 +77,24 @@ def test_sweep_with_a_question_equals_each_pair(llama):
                                   decode="fixed_position")
 
 
-@pytest.mark.parametrize("policy", ["grow", "score"])
+@pytest.mark.parametrize("policy", ["grow", "fixed_position", "score"])
 def test_sweep_on_llava_equals_each_pair(policy):
     model = tiny_llava()
     inputs = llava_inputs(batch=2, text=12, seed=3)
     _assert_sweep_equals_per_pair(model, inputs, token_ids(2, 5, seed=3), decode=policy)
+
+
+def test_calibrated_prefixkv_equals_its_pair(llama):
+    """PrefixKV with an offline profile (sizes known before scoring, so its own prefill compresses layer by layer)
+    gives in a sweep what it gives alone."""
+    profile = prefixkv.calibrate(llama, [text_inputs(batch=1, seq=PROMPT, seed=s) for s in (11, 12)], BUDGETS)
+    method = prefixkv.build_method("prefixkv", profile=profile)
+    inputs = text_inputs(batch=2, seq=PROMPT, seed=13)
+    continuation = token_ids(2, 5, seed=13)
+    out = prefixkv.sweep_logprobs(llama, inputs, continuation, methods=[method], budgets=BUDGETS)
+    for budget in BUDGETS:
+        want = prefixkv.continuation_logprobs(llama, inputs, continuation, method=method, budget=budget)
+        torch.testing.assert_close(out[("prefixkv", budget)], want, atol=ATOL, rtol=0)
 
 
 def test_method_instances_and_spec_labels(llama):
