@@ -107,6 +107,7 @@ class PrefilledPrompt:
         scores = [layer for by_layer in self.scores.values() for layer in by_layer]
         return sum(t.numel() * t.element_size() for t in [*self.keys, *self.values, self.last_logits, *scores])
 
+    @torch.inference_mode()
     def cache(self, method: str | Method, budget: float, planned: int = 0, **method_kwargs) -> PrefixKVCache:
         """`method`'s compressed cache at `budget`, planned for `planned` tokens fed after compression: a fresh
         `PrefixKVCache`, compressed; the held prefill is read, never written."""
@@ -193,9 +194,7 @@ class PrefilledPrompt:
     def _sweep_generate(self, cells: list[SweepCell], max_new_tokens, question) -> Results:
         return self._sweep(cells, lambda method, budget: self._generate(max_new_tokens, question, method, budget))
 
-    def _sweep(
-        self, cells: list[SweepCell], run: Callable[[Method, float], torch.Tensor]
-    ) -> Results:
+    def _sweep(self, cells: list[SweepCell], run: Callable[[Method, float], torch.Tensor]) -> Results:
         """`run(method, budget)` for every cell, one compressed cache at a time; a full cache is computed once
         whatever its budget (it keeps every entry, and no decode policy evicts at a keep ratio of 1)."""
         for cell in cells:

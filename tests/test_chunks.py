@@ -11,7 +11,7 @@ from bench.counters import OpCounter, compile_counters
 from prefixkv import generation
 from prefixkv.capture import bind
 from prefixkv.generation import Decoder, _prefill, make_cache
-from tests.models import llava_inputs, text_inputs, tiny_llama, tiny_llava
+from tests.models import llava_inputs, text_inputs, tiny_llama, tiny_llava, token_ids
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
 
@@ -33,10 +33,6 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def llama():
     return tiny_llama()
-
-
-def _tokens(batch: int, count: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 90, (batch, count), generator=torch.Generator().manual_seed(seed))
 
 
 def fed(model, inputs, method, tokens, schedule, *, budget=0.25, planned=None, compile=False, **kwargs):
@@ -69,7 +65,7 @@ def test_chunk_equals_token_by_token_then_steps_continue(llama, policy):
     """A 14-token chunk, then 3 one-token steps, against 17 one-token steps: same log-probabilities, same entries
     held after every piece, every method."""
     inputs = text_inputs(batch=2, seq=PROMPT, seed=3)
-    tokens = _tokens(2, 17)
+    tokens = token_ids(2, 17)
     for method in METHODS:
         kwargs = POLICIES[policy]
         steps, by_step = fed(llama, inputs, method, tokens, [1] * 17, **kwargs)
@@ -85,7 +81,7 @@ def test_chunk_equals_token_by_token_then_steps_continue(llama, policy):
 def test_chunks_anywhere_in_the_sequence(llama, policy):
     """Steps and chunks interleaved (a step first, two chunks back to back, one of two tokens) match the steps."""
     inputs = text_inputs(batch=2, seq=PROMPT, seed=4)
-    tokens = _tokens(2, 16, seed=1)
+    tokens = token_ids(2, 16, seed=1)
     for method in ("h2o", "prefixkv", "streaming_llm"):
         steps, by_step = fed(llama, inputs, method, tokens, [1] * 16, **POLICIES[policy])
         chunked, by_chunk = fed(llama, inputs, method, tokens, [1, 6, 2, 5, 1, 1], **POLICIES[policy])
@@ -98,7 +94,7 @@ def test_chunk_beyond_the_plan_grows_the_buffer_as_steps_do(llama, policy):
     """A cache planned for 2 tokens fed a 12-token chunk: the eager path extends the plan and the buffer, as it
     does for steps."""
     inputs = text_inputs(batch=1, seq=PROMPT, seed=2)
-    tokens = _tokens(1, 12, seed=2)
+    tokens = token_ids(1, 12, seed=2)
     steps, _ = fed(llama, inputs, "snapkv", tokens, [1] * 12, planned=2, window=8, **POLICIES[policy])
     chunked, cache = fed(llama, inputs, "snapkv", tokens, [12], planned=2, window=8, **POLICIES[policy])
     torch.testing.assert_close(chunked, steps, atol=ATOL, rtol=0)
@@ -108,7 +104,7 @@ def test_chunk_beyond_the_plan_grows_the_buffer_as_steps_do(llama, policy):
 def test_chunk_on_llava(reference_kernels):
     model = tiny_llava()
     inputs = llava_inputs(batch=2, text=10, seed=3)
-    tokens = _tokens(2, 9, seed=3)
+    tokens = token_ids(2, 9, seed=3)
     for method in ("prefixkv", "snapkv"):
         for kwargs in (POLICIES["grow"], POLICIES["score"]):
             steps, _ = fed(model, inputs, method, tokens, [1] * 9, **kwargs)
@@ -126,7 +122,7 @@ def test_chunk_forward_never_synchronises(llama, policy):
         cache.compress()
         decoder = Decoder(llama, cache, 2)
         with OpCounter() as counted:
-            decoder.feed(_tokens(2, 10), 10)
+            decoder.feed(token_ids(2, 10), 10)
     assert counted.syncs == 0
 
 
@@ -138,7 +134,7 @@ def test_chunk_refuses_to_be_recorded_step_by_step(llama):
         _prefill(llama, text_inputs(batch=1, seq=20), cache)
         cache.compress()
         with pytest.raises(ValueError, match="one-token step"):
-            Decoder(llama, cache, 1).feed(_tokens(1, 3), 3)
+            Decoder(llama, cache, 1).feed(token_ids(1, 3), 3)
 
 
 # --- compiled ---------------------------------------------------------------------------------------------------
@@ -160,7 +156,7 @@ def dynamo_only(monkeypatch):
 def test_compiled_chunk_and_steps_after_it_match_eager(llama, dynamo_only, policy):
     """A compiled chunk, then compiled one-token steps: one graph each, no break, the eager step-by-step result."""
     inputs = text_inputs(batch=2, seq=PROMPT, seed=6)
-    tokens = _tokens(2, 8, seed=6)
+    tokens = token_ids(2, 8, seed=6)
     kwargs = {"decode": policy, "decode_recent": 2}
     steps, by_step = fed(llama, inputs, "snapkv", tokens, [1] * 8, window=8, **kwargs)
     with compile_counters() as counted:
@@ -175,16 +171,16 @@ def test_generate_with_a_question_compiled_matches_eager(llama, dynamo_only):
     """The question runs as an eager chunk, the steps after it compiled: one graph (the step's), the eager tokens."""
     inputs = text_inputs(batch=2, seq=PROMPT, seed=8)
     kwargs = {"method": "prefixkv", "budget": 0.25, "max_new_tokens": 6, "decode": "fixed_position"}
-    eager = prefixkv.generate(llama, inputs, question=_tokens(2, 5, seed=8), **kwargs)
+    eager = prefixkv.generate(llama, inputs, question=token_ids(2, 5, seed=8), **kwargs)
     with compile_counters() as counted:
-        compiled = prefixkv.generate(llama, inputs, question=_tokens(2, 5, seed=8), compile=True, **kwargs)
+        compiled = prefixkv.generate(llama, inputs, question=token_ids(2, 5, seed=8), compile=True, **kwargs)
     assert counted["graph_breaks"] == 0 and counted["graphs"] == 1
     assert torch.equal(compiled.sequences, eager.sequences)
 
 
 def test_compiled_continuation_logprobs_match_eager(llama, dynamo_only):
     inputs = text_inputs(batch=2, seq=PROMPT, seed=7)
-    continuation = _tokens(2, 9, seed=7)
+    continuation = token_ids(2, 9, seed=7)
     kwargs = {"method": "h2o", "budget": 0.25, "decode": "fixed_position"}
     eager = prefixkv.continuation_logprobs(llama, inputs, continuation, **kwargs)
     compiled = prefixkv.continuation_logprobs(llama, inputs, continuation, compile=True, **kwargs)
@@ -198,7 +194,7 @@ def test_compiled_continuation_logprobs_match_eager(llama, dynamo_only):
 def test_continuation_logprobs_equal_token_by_token(llama, policy):
     """continuation_logprobs scores in one chunk; the reference feeds the continuation one token per step."""
     inputs = text_inputs(batch=2, seq=PROMPT, seed=8)
-    continuation = _tokens(2, 10, seed=8)
+    continuation = token_ids(2, 10, seed=8)
     for method in METHODS:
         budget = 1.0 if method == "full" else 0.25
         kwargs = {"decode": policy, "decode_recent": 2}
@@ -219,7 +215,7 @@ def test_question_after_the_compressed_prompt(llama, policy):
     """generate(question=) and continuation_logprobs(question=) equal feeding the question one token per step
     after compression; the sequences hold prompt, question and new tokens."""
     inputs = text_inputs(batch=2, seq=PROMPT, seed=9)
-    question = _tokens(2, 7, seed=9)
+    question = token_ids(2, 7, seed=9)
     kwargs = {"method": "uniform", "budget": 0.25, "decode": policy, "decode_recent": 2}
     out = prefixkv.generate(llama, inputs, question=question, max_new_tokens=6, **kwargs)
     assert out.sequences.shape == (2, PROMPT + 7 + 6)
@@ -248,13 +244,13 @@ def test_question_is_checked(llama):
     inputs = text_inputs(batch=2, seq=20)
     kwargs = {"method": "uniform", "budget": 0.5, "max_new_tokens": 2}
     with pytest.raises(ValueError, match=r"question must be \(batch=2"):
-        prefixkv.generate(llama, inputs, question=_tokens(1, 3), **kwargs)
+        prefixkv.generate(llama, inputs, question=token_ids(1, 3), **kwargs)
     with pytest.raises(TypeError, match="question must hold integer token ids"):
         prefixkv.generate(llama, inputs, question=torch.zeros(2, 3), **kwargs)
     with pytest.raises(ValueError, match=r"question must lie in \[0, 96\)"):
         prefixkv.generate(llama, inputs, question=torch.full((2, 3), 96), **kwargs)
     with pytest.raises(TypeError, match="question must be a torch.Tensor"):
-        prefixkv.continuation_logprobs(llama, inputs, _tokens(2, 2), method="full", budget=1.0, question=[1, 2])
+        prefixkv.continuation_logprobs(llama, inputs, token_ids(2, 2), method="full", budget=1.0, question=[1, 2])
 
 
 # --- CUDA ---------------------------------------------------------------------------------------------------------
@@ -268,7 +264,7 @@ def test_cuda_chunk_never_synchronises_and_graph_steps_follow(policy):
     torch._dynamo.reset()
     model = tiny_llama().cuda()
     inputs = {"input_ids": text_inputs(batch=2, seq=PROMPT, seed=6)["input_ids"].cuda()}
-    tokens = _tokens(2, 12, seed=6).cuda()
+    tokens = token_ids(2, 12, seed=6).cuda()
     kwargs = {"decode": policy, "decode_recent": 2}
     steps, _ = fed(model, inputs, "snapkv", tokens, [1] * 12, window=8, **kwargs)
     cache = make_cache(model, "snapkv", 0.25, 12, window=8, **kwargs)

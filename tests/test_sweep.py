@@ -14,7 +14,8 @@ from torch.utils._pytree import tree_leaves
 
 import prefixkv
 from prefixkv.methods.uniform import Uniform
-from tests.models import llava_inputs, text_inputs, tiny_llama, tiny_llava
+from tests.models import llava_inputs, text_inputs, tiny_llama, tiny_llava, token_ids
+from tests.test_cache import RegionCounter
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
 
@@ -29,19 +30,6 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def llama():
     return tiny_llama()
-
-
-def _tokens(batch: int, count: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 90, (batch, count), generator=torch.Generator().manual_seed(seed))
-
-
-class RegionCounter:
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-
-    def region(self, name):
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return contextlib.nullcontext()
 
 
 def _per_pair(model, inputs, label, budget, continuation, question, **kwargs):
@@ -80,26 +68,39 @@ def _assert_sweep_equals_per_pair(model, inputs, continuation, question=None, me
 @pytest.mark.parametrize("policy", ["grow", "fixed_position", "score"])
 def test_sweep_equals_each_pair(llama, policy):
     inputs = text_inputs(batch=2, seq=PROMPT, seed=3)
-    _assert_sweep_equals_per_pair(llama, inputs, _tokens(2, 6), decode=policy, decode_recent=2)
+    _assert_sweep_equals_per_pair(llama, inputs, token_ids(2, 6), decode=policy, decode_recent=2)
 
 
 def test_sweep_with_a_question_equals_each_pair(llama):
     inputs = text_inputs(batch=2, seq=PROMPT, seed=4)
-    _assert_sweep_equals_per_pair(llama, inputs, _tokens(2, 5, seed=1), question=_tokens(2, 4, seed=2),
+    _assert_sweep_equals_per_pair(llama, inputs, token_ids(2, 5, seed=1), question=token_ids(2, 4, seed=2),
                                   decode="fixed_position")
 
 
-@pytest.mark.parametrize("policy", ["grow", "score"])
+@pytest.mark.parametrize("policy", ["grow", "fixed_position", "score"])
 def test_sweep_on_llava_equals_each_pair(policy):
     model = tiny_llava()
     inputs = llava_inputs(batch=2, text=12, seed=3)
-    _assert_sweep_equals_per_pair(model, inputs, _tokens(2, 5, seed=3), decode=policy)
+    _assert_sweep_equals_per_pair(model, inputs, token_ids(2, 5, seed=3), decode=policy)
+
+
+def test_calibrated_prefixkv_equals_its_pair(llama):
+    """PrefixKV with an offline profile (sizes known before scoring, so its own prefill compresses layer by layer)
+    gives in a sweep what it gives alone."""
+    profile = prefixkv.calibrate(llama, [text_inputs(batch=1, seq=PROMPT, seed=s) for s in (11, 12)], BUDGETS)
+    method = prefixkv.build_method("prefixkv", profile=profile)
+    inputs = text_inputs(batch=2, seq=PROMPT, seed=13)
+    continuation = token_ids(2, 5, seed=13)
+    out = prefixkv.sweep_logprobs(llama, inputs, continuation, methods=[method], budgets=BUDGETS)
+    for budget in BUDGETS:
+        want = prefixkv.continuation_logprobs(llama, inputs, continuation, method=method, budget=budget)
+        torch.testing.assert_close(out[("prefixkv", budget)], want, atol=ATOL, rtol=0)
 
 
 def test_method_instances_and_spec_labels(llama):
     """Strings keep their spelling as the label; an instance is labelled by its name and used as given."""
     inputs = text_inputs(batch=1, seq=PROMPT)
-    continuation = _tokens(1, 4)
+    continuation = token_ids(1, 4)
     variant = Uniform(visibility_norm=True)
     out = prefixkv.sweep_logprobs(llama, inputs, continuation, methods=["snapkv", variant], budgets=[0.3], window=8)
     assert list(out) == [("snapkv", 0.3), ("uniform", 0.3), ("full", 1.0)]
@@ -119,7 +120,7 @@ def test_each_scorer_runs_once_per_layer_and_the_full_cache_once(llama, monkeypa
     monkeypatch.setattr(scoring, "attention_scores", lambda *a, **kw: passes.append(1) or attention_scores(*a, **kw))
     timer = RegionCounter()
     out = prefixkv.sweep_logprobs(
-        llama, text_inputs(batch=2, seq=PROMPT), _tokens(2, 5), methods=METHODS, budgets=BUDGETS, timer=timer
+        llama, text_inputs(batch=2, seq=PROMPT), token_ids(2, 5), methods=METHODS, budgets=BUDGETS, timer=timer
     )
     assert timer.counts["prefill"] == 1
     assert timer.counts["score"] == 3 * 3  # 3 distinct scorers x 3 layers
@@ -210,7 +211,7 @@ def test_sweep_holds_one_prefill_and_one_compressed_cache():
     live = LiveBytes()
     timer = PeakAtCompaction(live)
     with live:
-        prefixkv.sweep_logprobs(model, text_inputs(batch=batch, seq=PROMPT), _tokens(batch, count), methods=methods,
+        prefixkv.sweep_logprobs(model, text_inputs(batch=batch, seq=PROMPT), token_ids(batch, count), methods=methods,
                                 budgets=[0.5, 0.75], timer=timer)
     entry = batch * kv_heads * head_dim * 4  # one position of one layer's keys, float32
     prompt = 2 * layers * PROMPT * entry + 3 * layers * batch * kv_heads * PROMPT * 4 + batch * vocab * 4
@@ -227,22 +228,22 @@ def test_prefilled_prompt_is_read_never_written(llama):
     inputs = text_inputs(batch=2, seq=PROMPT)
     prompt = prefixkv.prefill(llama, inputs, methods=["h2o", "prefixkv"])
     before = [k.clone() for k in prompt.keys]
-    first = prompt.continuation_logprobs(_tokens(2, 5), method="prefixkv", budget=0.25, decode="fixed_position")
+    first = prompt.continuation_logprobs(token_ids(2, 5), method="prefixkv", budget=0.25, decode="fixed_position")
     prompt.generate(method="h2o", budget=0.25, max_new_tokens=4, decode="score")
-    again = prompt.continuation_logprobs(_tokens(2, 5), method="prefixkv", budget=0.25, decode="fixed_position")
+    again = prompt.continuation_logprobs(token_ids(2, 5), method="prefixkv", budget=0.25, decode="fixed_position")
     assert all(torch.equal(a, b) for a, b in zip(before, prompt.keys, strict=True))
     assert torch.equal(first, again)
     assert prompt.nbytes == 2 * 3 * 2 * 2 * PROMPT * 16 * 4 + 2 * 3 * 2 * 2 * PROMPT * 4 + 2 * 96 * 4
     with pytest.raises(ValueError, match="did not run at prefill"):
-        prompt.continuation_logprobs(_tokens(2, 5), method="snapkv", budget=0.25)
-    prompt.continuation_logprobs(_tokens(2, 5), method="streaming_llm", budget=0.25)  # no scores needed
+        prompt.continuation_logprobs(token_ids(2, 5), method="snapkv", budget=0.25)
+    prompt.continuation_logprobs(token_ids(2, 5), method="streaming_llm", budget=0.25)  # no scores needed
 
 
 def test_one_prefill_serves_both_sweeps(llama):
     """The prompt's own sweeps equal the top-level ones; a method whose scorer did not run is named before any
     cell is computed."""
     inputs = text_inputs(batch=2, seq=PROMPT, seed=5)
-    continuation = _tokens(2, 5, seed=5)
+    continuation = token_ids(2, 5, seed=5)
     methods = ["h2o", "prefixkv", "streaming_llm"]
     timer = RegionCounter()
     prompt = prefixkv.prefill(llama, inputs, methods=methods, timer=timer)
@@ -261,7 +262,7 @@ def test_one_prefill_serves_both_sweeps(llama):
 
 def test_sweep_arguments_are_checked(llama):
     inputs = text_inputs(batch=2, seq=20)
-    continuation = _tokens(2, 3)
+    continuation = token_ids(2, 3)
     with pytest.raises(TypeError, match="methods must be a non-empty list"):
         prefixkv.sweep_logprobs(llama, inputs, continuation, methods="snapkv", budgets=[0.5])
     with pytest.raises(TypeError, match="budgets must be a non-empty list"):
@@ -273,6 +274,6 @@ def test_sweep_arguments_are_checked(llama):
     with pytest.raises(ValueError, match="repeat the labels"):
         prefixkv.sweep_logprobs(llama, inputs, continuation, methods=["uniform", Uniform()], budgets=[0.5])
     with pytest.raises(ValueError, match=r"continuation must be \(batch=2"):
-        prefixkv.sweep_logprobs(llama, inputs, _tokens(1, 3), methods=["snapkv"], budgets=[0.5])
+        prefixkv.sweep_logprobs(llama, inputs, token_ids(1, 3), methods=["snapkv"], budgets=[0.5])
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         prefixkv.sweep_generate(llama, inputs, methods=["snapkv"], budgets=[0.5], max_new_tokens=0)
