@@ -12,7 +12,7 @@ from prefixkv.budget import check_budget
 from prefixkv.cache import CacheStats, CompressedLayer, PrefixKVCache
 from prefixkv.calibrate import calibrate
 from prefixkv.generation import GenerationOutput, attach, continuation_logprobs, generate, prefill_scores
-from prefixkv.methods import METHODS, Method, build_method
+from prefixkv.methods import METHODS, Method, build_method, method_spec, parse_method_spec, split_method_specs
 from prefixkv.profile import Profile
 from prefixkv.scoring import key_importance
 from prefixkv.timer import NullTimer, Timer
@@ -34,8 +34,11 @@ __all__ = [
     "continuation_logprobs",
     "generate",
     "key_importance",
+    "method_spec",
+    "parse_method_spec",
     "prefill_scores",
     "prefix_allocation",
     "pyramid_allocation",
+    "split_method_specs",
     "uniform_allocation",
 ]
