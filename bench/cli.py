@@ -164,7 +164,7 @@ def _executor(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from bench import matrix as matrix_mod
-    from bench import models, store
+    from bench import models
 
     mx = matrix_mod.load(args.matrix, _overrides(args))
     for spec in mx.models:
@@ -193,19 +193,9 @@ def _run(args: argparse.Namespace) -> int:
             print(cell.key, cell.label)
         return 0
 
-    from bench.executor import ExecutorError
     from bench.runner import sweep
 
-    executor = _executor(args)
-    # Last of the checks (it creates the directory), still before any cell runs.
-    _preflight(lambda: store.check_store_dir(args.results, "results directory"))
-    try:
-        outcomes = sweep(cells, args.results, force=args.force, matrix_name=mx.name, executor=executor)
-    except (store.StoreUnusable, ExecutorError) as err:
-        raise BadInput(str(err)) from None
-    except store.StoreError as err:
-        print(f"bench run: error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    outcomes = sweep(cells, args.results, force=args.force, matrix_name=mx.name, executor=_executor(args))
     failed = [o for o in outcomes if o.status not in ("ok", "skipped")]
     ran = sum(o.status != "skipped" for o in outcomes)
     print(f"{ran} cells run, {len(outcomes) - ran} skipped, {len(failed)} failed; results in {args.results}")
@@ -213,26 +203,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from bench import store
-    from bench.merge import check_not_nested, merge
+    from bench.merge import merge
 
     for d in args.sources:
         if not Path(d).is_dir():
             raise BadInput(f"results directory {d!r} does not exist")
-    _preflight(lambda: check_not_nested(args.sources, args.into))
-    _preflight(lambda: store.check_store_dir(args.into, "--into"))
-    try:
-        merged = merge(args.sources, args.into)
-    except store.StoreUnusable as err:
-        raise BadInput(str(err)) from None
-    except store.StoreError as err:
-        print(f"bench merge: error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    merged = merge(args.sources, args.into)
     for line in merged.lines:
         print(line)
     print(f"{merged.copied + merged.replaced} parts merged into {args.into} ({merged.copied} new, {merged.replaced} "
-          f"replacing older runs), {merged.identical} already there, {merged.kept} conflicts kept the newer part "
-          f"already there, {merged.invalid} invalid skipped")
+          f"replacing failed or older runs), {merged.identical} already there, {merged.kept} conflicts kept the "
+          f"better part already there, {merged.invalid} invalid skipped")
     return 0
 
 
@@ -243,51 +224,40 @@ def _report(args: argparse.Namespace) -> int:
     for d in args.results:
         if not Path(d).is_dir():
             raise BadInput(f"results directory {d!r} does not exist")
-    out = Path(args.out) if args.out else Path(args.results[0]) / "index.html"
-    _preflight(lambda: store.check_writable_file(out, "--out"))
+    out = store.check_writable_file(Path(args.out) if args.out else Path(args.results[0]) / "index.html", "--out")
     path = write_report(args.results, out, title=args.title)
     print(path)
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from bench.compare import CompareError, compare, print_table
+    from bench.compare import compare, print_table
 
-    if not 0 <= args.factor < 10:
-        raise BadInput(f"--factor must be in [0, 10), got {args.factor}")
-    if not 0 < args.alpha < 1:
-        raise BadInput(f"--alpha must be in (0, 1), got {args.alpha}")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    try:
-        result = compare(args.baseline, args.current, factor=args.factor, alpha=args.alpha, mode=args.mode,
-                         metrics=metrics)
-    except CompareError as err:
-        raise BadInput(str(err)) from None
+    result = compare(args.baseline, args.current, factor=args.factor, alpha=args.alpha, mode=args.mode,
+                     metrics=metrics)
     print_table(result)
     return result.exit_code
 
 
-def _preflight(check) -> None:
-    from bench.store import StoreError
-
-    try:
-        check()
-    except StoreError as err:
-        raise BadInput(str(err)) from None
-
-
 def main(argv: list[str] | None = None) -> int:
+    from bench.compare import CompareError
+    from bench.executor import ExecutorError
     from bench.matrix import MatrixError
     from bench.models import ModelError
     from bench.runner import Interrupted
+    from bench.store import StoreError, StoreUnusable
 
     args = _parser().parse_args(argv)
     handlers = {"run": _run, "report": _report, "compare": _compare, "merge": _merge, "fetch": _fetch}
     try:
         return handlers[args.verb](args)
-    except (BadInput, MatrixError, ModelError) as err:
+    except (BadInput, MatrixError, ModelError, CompareError, StoreUnusable, ExecutorError) as err:
         print(f"bench {args.verb}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StoreError as err:  # a part that could not be written (disk full): the work so far is kept
+        print(f"bench {args.verb}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except Interrupted as err:
         print(f"bench {args.verb}: stopped by {err}; finished cells are kept (re-run to resume)", file=sys.stderr)
         return 128 + err.signum

@@ -241,9 +241,9 @@ def compare(
     if mode not in ("auto", "absolute", "ratio"):
         raise CompareError(f"mode must be 'auto', 'absolute' or 'ratio', got {mode!r}")
     if not (isinstance(factor, int | float) and math.isfinite(factor) and factor >= 0):
-        raise CompareError(f"factor must be a finite number >= 0, got {factor!r}")
+        raise CompareError(f"factor (--factor) must be a finite number >= 0, got {factor!r}")
     if not (isinstance(alpha, int | float) and 0 < alpha < 1):
-        raise CompareError(f"alpha must be in (0, 1), got {alpha!r}")
+        raise CompareError(f"alpha (--alpha) must be in (0, 1), got {alpha!r}")
     metrics = tuple(metrics)
     unknown = set(metrics) - set(METRICS)
     if unknown or not metrics:

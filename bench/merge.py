@@ -25,7 +25,7 @@ import pandas as pd
 from bench.store import (
     Lock,
     StoreUnusable,
-    check_store_dir,
+    check_writable_dir,
     copy_part,
     part_path,
     parts,
@@ -128,10 +128,11 @@ def merge(
     on_warning: Callable[[str], None] = warn,
 ) -> Merged:
     """Copy every valid part of the stores under `sources` into the store `into` (see the module docstring), under
-    `into`'s lock (`StoreLocked` when a runner holds it); StoreUnusable when the stores nest."""
+    `into`'s lock (`StoreLocked` when a runner holds it); StoreUnusable when the stores nest or `into` cannot be
+    written."""
     sources = list(sources)
     check_not_nested(sources, into)
-    into = check_store_dir(into, "--into")
+    into = check_writable_dir(into, "--into")
     owner = run_id or f"merge-{os.getpid()}"
     now = pd.Timestamp.now(tz="UTC")
     out = Merged()

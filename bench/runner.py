@@ -140,7 +140,7 @@ def sweep(
     console = console or Console(stderr=True)
     executor = executor or LocalExecutor(python)
     run_id = new_run_id()
-    results = store.check_store_dir(results, "results directory")
+    results = store.check_writable_dir(results, "results directory")
     outcomes: list[Outcome] = []
     with _signals_interrupt(), store.Lock(results, run_id), executor:
         executor.check(cells, on_warning=_warner(console))

@@ -370,24 +370,17 @@ def check_layout(root: str | Path) -> None:
 
 
 def check_writable_dir(path: str | Path, what: str) -> Path:
-    """Create `path` if needed and prove it writable by writing a probe file; StoreError (one line) otherwise."""
+    """Create `path` if needed and prove it writable by writing a probe file; StoreUnusable (one line) otherwise."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise StoreError(f"{what} {str(path)!r} is a file, not a directory")
+        raise StoreUnusable(f"{what} {str(path)!r} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise StoreError(f"{what} {str(path)!r} is not writable: {err.strerror or err}") from None
-    return path
-
-
-def check_store_dir(path: str | Path, what: str) -> Path:
-    """`check_writable_dir`, then the store's layout (`check_layout`): where a sweep or a merge will write."""
-    path = check_writable_dir(path, what)
-    check_layout(path)
+        raise StoreUnusable(f"{what} {str(path)!r} is not writable: {err.strerror or err}") from None
     return path
 
 
@@ -395,8 +388,8 @@ def check_writable_file(path: str | Path, what: str) -> Path:
     """Check that a file can be written at `path` (its folder writable, the path not a directory)."""
     path = Path(path)
     if path.is_dir():
-        raise StoreError(f"{what} {str(path)!r} is a directory; give a file name")
+        raise StoreUnusable(f"{what} {str(path)!r} is a directory; give a file name")
     check_writable_dir(path.parent, f"the folder of {what}")
     if path.exists() and not os.access(path, os.W_OK):
-        raise StoreError(f"{what} {str(path)!r} is not writable")
+        raise StoreUnusable(f"{what} {str(path)!r} is not writable")
     return path

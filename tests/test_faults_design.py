@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bench import cli, isolation, store
 from bench.executor import Executor, Finished
+from tests.test_bench_store import MATRIX
 
 ROOT = Path(__file__).parent.parent
 
@@ -108,20 +109,9 @@ class _CountingExecutor(Executor):
             yield Finished(cell, "ok", [row], None, {"env_machine_id": "m0"})
 
 
-MATRIX = """
-[matrix]
-models = ["tiny-llava"]
-batch_sizes = [1, 2]
-text_lengths = [8]
-new_tokens = [2]
-methods = ["full"]
-repetitions = 1
-"""
-
-
 def test_the_sweep_alone_starts_and_closes_the_executor(tmp_path, monkeypatch):
     # Before: `bench run` started the executor, the sweep started it again, and both closed it (three closes).
-    (tmp_path / "m.toml").write_text(MATRIX)
+    (tmp_path / "m.toml").write_text(MATRIX.replace("batch_sizes = [1]", "batch_sizes = [1, 2]"))
     results = tmp_path / "r"
     executor = _CountingExecutor(results)
     monkeypatch.setattr(cli, "_executor", lambda args: executor)

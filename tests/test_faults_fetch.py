@@ -13,19 +13,10 @@ import pytest
 from bench import isolation, models
 from bench.cli import main
 from bench.realtext import fetch
-from tests.test_realtext import write_tiny_gguf
+from tests import test_realtext
 
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_tiny_gguf(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def converted(tiny_gguf, tmp_path_factory):
-    return fetch.convert(tiny_gguf, tmp_path_factory.mktemp("cache") / "tiny", sha256=None, model_name="tiny")
+#: The tiny GGUF and its conversion (fixtures of tests/test_realtext.py, module-scoped here too).
+tiny_gguf, converted = test_realtext.tiny_gguf, test_realtext.converted
 
 
 @pytest.fixture

@@ -97,7 +97,16 @@ def test_a_gate_with_no_metric_is_bad_input(tmp_path, capsys):
     assert "no timing metric" in capsys.readouterr().err
 
 
-# --- item 8: missing columns and crashes inside the gate -----------------------------------------------------------
+# --- item 8: new_tokens = 1, missing columns and crashes inside the gate ------------------------------------------
+
+
+def test_a_matrix_with_one_new_token_is_refused(tmp_path, capsys):
+    # Before: accepted; its cells had no decode step, and compare (IndexError, exit 1) and report crashed on them.
+    path = tmp_path / "m.toml"
+    path.write_text('[matrix]\nmodels = ["tiny-llava"]\nnew_tokens = [1]\nmethods = ["full"]\n')
+    assert main(["run", "--matrix", str(path), "--results", str(tmp_path / "r"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "new_tokens must be >= 2" in err
 
 
 @pytest.mark.parametrize("column", ["decode_steps_s", "env_machine", "shape_key", "method"])

@@ -172,3 +172,41 @@ def test_each_public_door_refuses_a_bad_budget(llama, budget):
         prefixkv.PrefixKVCache(2, method=prefixkv.build_method("h2o"), budget=budget)
     with pytest.raises(ValueError, match="budget"):
         prefixkv.uniform_allocation([torch.rand(8)] * 2, budget)
+
+
+# --- item 10: the same syntax in `bench run --methods` and in matrix files -----------------------------------------
+
+MATRIX = """
+[matrix]
+models = ["tiny-llava"]
+text_lengths = [8]
+new_tokens = [4]
+methods = ["full", "prefixkv[visibility_norm=True]"]
+budgets = [0.2]
+
+[method_kwargs.prefixkv]
+recent = 8
+"""
+
+
+def test_bench_run_and_matrix_files_take_method_specs(tmp_path, capsys):
+    # Before: `--methods "prefixkv[visibility_norm=True]"` was "unknown method" (exit 2) though evaluate took it.
+    from bench import matrix
+    from bench.cli import main
+
+    path = tmp_path / "m.toml"
+    path.write_text(MATRIX)
+    cells = matrix.load(path).cells()
+    assert [(c.method, dict(c.method_kwargs)) for c in cells] == [
+        ("full", {}), ("prefixkv", {"recent": 8, "visibility_norm": True})]
+    spec = "full,prefixkv[visibility_norm=True,recent=8],h2o[recent_ratio=0.25]"
+    assert main(["run", "--matrix", str(path), "--results", str(tmp_path / "r"), "--methods", spec, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "prefixkv (recent=8, visibility_norm=True)@0.2" in out and "h2o (recent_ratio=0.25)@0.2" in out
+    # The same cell whichever way its hyper-parameters are written: one key.
+    again = matrix.load(path, {"methods": ["prefixkv[recent=8,visibility_norm=True]"]}).cells()
+    assert again[0].key == cells[1].key
+    assert main(["run", "--matrix", str(path), "--results", str(tmp_path / "r"), "--methods", "prefixkv[nope=1]",
+                 "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--methods" in err and "nope" in err

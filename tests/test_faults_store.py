@@ -17,6 +17,7 @@ import pytest
 
 from bench import store
 from bench.cli import main
+from tests.test_bench_store import MATRIX
 
 ROW = {"key": "k1", "status": "ok", "rep": 0, "method": "prefixkv", "budget": 0.5, "new_tokens": 16,
        "env_machine_id": "m0", "run_id": "r1", "env_date": "2026-01-01T00:00:00+00:00"}
@@ -205,17 +206,6 @@ def test_parts_without_a_checksum_are_read_unverified(tmp_path):
 
 
 # --- item 8: members of the wrong type, a full disk before the holder is written ---------------------------------
-
-MATRIX = """
-[matrix]
-models = ["tiny-llava"]
-batch_sizes = [1]
-text_lengths = [8]
-new_tokens = [2]
-methods = ["full"]
-repetitions = 1
-"""
-
 
 @pytest.mark.parametrize(
     ("member", "make"),
