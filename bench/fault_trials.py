@@ -144,6 +144,7 @@ i = 0
 while True:
     store.write_part(store.part_path(results, f"k{seed}x{i % 7}", "m0"),
                      [{"key": f"k{seed}x{i % 7}", "status": "ok", "rep": 0, "decode_steps_s": steps}], owner=f"w{seed}")
+    print(i, flush=True)  # one line per part written: the parent kills at a random moment after the first
     i += 1
 """
 
@@ -152,10 +153,15 @@ def write_trials(work: Path, kills: int, rng: random.Random) -> dict:
     results = work / "writes"
     counts = {"kills": 0, "invalid_parts": 0, "temporary_files_left": 0, "removed_by_next_sweep": 0}
     for trial in range(kills):
-        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(results), str(trial)], env=_env())
-        time.sleep(rng.uniform(1.0, 4.0))
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(results), str(trial)], env=_env(),
+                                  stdout=subprocess.PIPE, text=True)
+        start = time.monotonic()
+        writer.stdout.readline()  # the first part is written: the writer is in its loop
+        first = time.monotonic() - start
+        time.sleep(rng.uniform(0.0, min(first, 3.0)))
         writer.send_signal(signal.SIGKILL)
         writer.wait()
+        writer.stdout.close()
         counts["kills"] += 1
         counts["invalid_parts"] += _valid(results)[1]
     counts["temporary_files_left"] = len(list((results / "parts").glob(".*.tmp")))

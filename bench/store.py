@@ -248,6 +248,8 @@ def stores(dirs: Iterable[str | Path], on_warning: Callable[[str], None] = warn)
     nested inside another is named in one warning line and not read: pass it on its own."""
     found: dict[Path, Path] = {}
     for d in map(Path, dirs):
+        if d.name == "parts" and not (d / "parts").is_dir():
+            d = d.parent  # a store's parts folder given for the store
         for root in sorted(p.parent for p in d.rglob("parts") if p.is_dir()):
             found.setdefault(root.resolve(), root)
     roots = sorted(found)
