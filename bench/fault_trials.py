@@ -1,8 +1,10 @@
 """Fault trials of the results store, the sweep and the merge: `python -m bench.fault_trials` - the measurements behind
 the README's reliability section. Four trials, each counting what happened:
 
-1. `kill`: kill -9 of `bench run` (the runner process alone: its cell must die with it) at a random moment, the same
-   store resumed by the next run and killed again, then a last run to completion. Checked after every kill: every
+1. `kill`: kill -9 of `bench run` (the runner process alone: its cell must die with it) at a random moment of the
+   sweep (drawn uniformly over its start-up and remaining cells, their durations measured as it goes), the same store
+   resumed
+   by the next run and killed again, then a last run to completion. Checked after every kill: every
    part on disk is valid, every part present before the kill is byte for byte unchanged, no cell process outlives the
    runner; at the end: every cell once, successful, and no temporary file, scratch folder or lock holder left.
 2. `write`: kill -9 of a process writing large parts in a loop (so that most kills land inside a write): every
@@ -10,8 +12,9 @@ the README's reliability section. Four trials, each counting what happened:
 3. `flip`: one byte of a real part flipped (or the part truncated) at a random offset, read back: caught, harmless
    (the rows read back exactly as written) or missed - for parts with their checksum and, for comparison, for the
    same rows written without one (as before checksums existed).
-4. `merge`: kill -9 of `bench merge` of many parts at a random moment, merged again after each kill: every part in
-   the destination valid after every kill, and the destination equal to the source at the end.
+4. `merge`: kill -9 of `bench merge` of many parts into a fresh destination at a random moment of the merge, then
+   the same merge again: every part in the destination valid after the kill, and equal to the source after the
+   second merge.
 
 Run on one machine, small matrices (tiny-llama cells of a few seconds, most of it the interpreter starting).
 """
@@ -87,21 +90,36 @@ def _snapshot(results: Path) -> dict[str, bytes]:
         if folder.is_dir() else {}
 
 
-def kill_trials(work: Path, kills: int, rng: random.Random, max_delay: float) -> dict:
+def kill_trials(work: Path, kills: int, rng: random.Random) -> dict:
+    """kill -9 of `bench run` at a moment drawn uniformly over what remains of the sweep (its start-up and each
+    remaining cell, with durations measured as it goes), the store resumed by the next run."""
     matrix = work / "matrix.toml"
     matrix.write_text(MATRIX)
-    counts = {"kills": 0, "stores": 0, "finished_before_kill": 0, "parts_lost_or_changed": 0, "invalid_parts": 0,
-              "orphan_cells": 0, "cells_at_end": 0, "failed_cells_at_end": 0, "leftovers_at_end": 0}
+    counts = {"kills": 0, "stores": 0, "finished_before_kill": 0, "parts_at_kills": [], "parts_lost_or_changed": 0,
+              "invalid_parts": 0, "orphan_cells": 0, "cells_at_end": 0, "failed_cells_at_end": 0,
+              "leftovers_at_end": 0}
+    firsts, cells = [40.0], [20.0]  # seconds to a run's first part (start-up + a cell), and between parts: guesses
     results = None
     while counts["kills"] < kills:
         if results is None:
             counts["stores"] += 1
             results = work / f"store{counts['stores']}"
+        held = len(_snapshot(results))
+        if held == CELLS:  # the last kill landed after the last part: this store is done
+            results = None
+            continue
+        cell_s = sum(cells) / len(cells)
+        delay = rng.uniform(0.0, sum(firsts) / len(firsts) + (CELLS - held - 1) * cell_s)
         args = [sys.executable, "-m", "bench", "run", "--matrix", str(matrix), "--results", str(results)]
         runner = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + rng.uniform(0.3, max_delay)
-        while time.monotonic() < deadline and runner.poll() is None:
-            time.sleep(0.01)
+        started = last = time.monotonic()
+        count = held
+        while runner.poll() is None and time.monotonic() - started < delay:
+            time.sleep(0.05)
+            now = len(_snapshot(results))
+            if now > count:
+                (firsts if count == held else cells).append(time.monotonic() - last)
+                last, count = time.monotonic(), now
         before = _snapshot(results)
         if runner.poll() is not None:  # the sweep finished first: nothing was killed; start a fresh store
             counts["finished_before_kill"] += 1
@@ -110,6 +128,7 @@ def kill_trials(work: Path, kills: int, rng: random.Random, max_delay: float) ->
         runner.send_signal(signal.SIGKILL)
         runner.wait()
         counts["kills"] += 1
+        counts["parts_at_kills"].append(len(before))
         time.sleep(2.0)  # the parent-death signal is immediate; allow for a loaded machine
         orphans = _processes_under(results)
         counts["orphan_cells"] += len(orphans)
@@ -118,8 +137,8 @@ def kill_trials(work: Path, kills: int, rng: random.Random, max_delay: float) ->
         after = _snapshot(results)
         counts["parts_lost_or_changed"] += sum(after.get(name) != data for name, data in before.items())
         counts["invalid_parts"] += _valid(results)[1]
-        print(f"kill {counts['kills']}/{kills}: {len(after)} of {CELLS} cells stored, "
-              f"{len(orphans)} orphan(s)", file=sys.stderr, flush=True)
+        print(f"kill {counts['kills']}/{kills}: {len(after)} of {CELLS} cells stored, {len(orphans)} orphan(s)",
+              file=sys.stderr, flush=True)
     for i in range(1, counts["stores"] + 1):
         results = work / f"store{i}"
         subprocess.run([sys.executable, "-m", "bench", "run", "--matrix", str(matrix), "--results", str(results)],
@@ -207,48 +226,56 @@ def flip_trials(parts: list[Path], flips: int, rng: random.Random, work: Path) -
     return out
 
 
-def merge_trials(work: Path, kills: int, n_parts: int, rng: random.Random) -> dict:
-    source = work / "merge-source"
+def _synthetic_parts(results: Path, n_parts: int) -> list[Path]:
+    """`n_parts` small parts of three repetitions each, shaped as `bench run` writes them."""
     for i in range(n_parts):
         key = f"{i:016x}"
-        store.write_part(store.part_path(source, key, "m0"), [
+        store.write_part(store.part_path(results, key, "m0"), [
             {"key": key, "status": "ok", "rep": r, "budget": 0.5, "new_tokens": 16, "env_machine_id": "m0",
-             "run_id": "r1", "env_date": "2026-01-01T00:00:00+00:00", "decode_steps_s": [0.01] * 64}
+             "run_id": "r1", "env_date": "2026-01-01T00:00:00+00:00", "decode_steps_s": [0.01 + i * 1e-6] * 64}
             for r in range(3)])
+    return store.parts([results])
+
+
+def merge_trials(work: Path, kills: int, n_parts: int, rng: random.Random) -> dict:
+    source = work / "merge-source"
+    _synthetic_parts(source, n_parts)
     args = [sys.executable, "-m", "bench", "merge", str(source), "--into"]
     start = time.monotonic()
     subprocess.run([*args, str(work / "merge-timed")], env=_env(), capture_output=True, check=True)
     seconds = time.monotonic() - start
-    into = work / "merge-into"
-    counts = {"parts": n_parts, "full_merge_s": round(seconds, 1), "kills": 0, "invalid_parts": 0,
-              "parts_at_kills": []}
-    for _ in range(kills):
+    counts = {"parts": n_parts, "full_merge_s": round(seconds, 1), "kills": 0, "finished_before_kill": 0,
+              "invalid_parts": 0, "parts_at_kills": [], "equal_after_merging_again": 0, "temporary_files_left": 0}
+    for trial in range(kills):
+        into = work / f"merge-into{trial}"
         merger = subprocess.Popen([*args, str(into)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, max(1.0, seconds)))
+        time.sleep(rng.uniform(0.0, seconds))
         if merger.poll() is None:
             merger.send_signal(signal.SIGKILL)
             counts["kills"] += 1
+        else:
+            counts["finished_before_kill"] += 1
         merger.wait()
         good, bad = _valid(into)
         counts["invalid_parts"] += bad
         counts["parts_at_kills"].append(good)
-    subprocess.run([*args, str(into)], env=_env(), capture_output=True, check=True)
-    src = {p.name: p.read_bytes() for p in store.parts([source])}
-    dst = {p.name: p.read_bytes() for p in store.parts([into])}
-    counts["equal_at_end"] = src == dst
-    counts["temporary_files_at_end"] = len([p for p in into.rglob(".*") if p.name.endswith(".tmp")])
+        subprocess.run([*args, str(into)], env=_env(), capture_output=True, check=True)
+        dst = {p.name: p.read_bytes() for p in store.parts([into])}
+        counts["equal_after_merging_again"] += dst == {p.name: p.read_bytes() for p in store.parts([source])}
+        counts["temporary_files_left"] += len([p for p in into.rglob(".*") if p.name.endswith(".tmp")])
     return counts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fault_trials", description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=15, help="kill -9s of `bench run`")
-    parser.add_argument("--max-delay", type=float, default=25.0, help="latest moment of a kill after a run starts (s)")
     parser.add_argument("--write-kills", type=int, default=12, help="kill -9s of a process writing parts")
     parser.add_argument("--flips", type=int, default=1000, help="byte flips per kind of part (truncations: 1/10)")
     parser.add_argument("--merge-kills", type=int, default=7, help="kill -9s of `bench merge`")
     parser.add_argument("--merge-parts", type=int, default=1500, help="parts in the merged store")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trials", default="kill,write,flip,merge", help="which trials to run (flip reads the "
+                        "parts the kill trials wrote; without them, it writes a store of its own)")
     parser.add_argument("--json", type=Path, help="write the counts here as JSON")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -256,16 +283,21 @@ def main(argv: list[str] | None = None) -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="fault-trials-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result = {"seed": args.seed}
+        result: dict = {"seed": args.seed}
+        chosen = set(args.trials.split(","))
         started = time.monotonic()
-        result["kill"] = kill_trials(work, args.kills, rng, args.max_delay)
-        print(json.dumps(result["kill"]), file=sys.stderr, flush=True)
-        result["write"] = write_trials(work, args.write_kills, rng)
-        print(json.dumps(result["write"]), file=sys.stderr, flush=True)
-        parts = store.parts(sorted(work.glob("store*")))
-        result["flip"] = flip_trials(parts, args.flips, rng, work)
-        print(json.dumps(result["flip"]), file=sys.stderr, flush=True)
-        result["merge"] = merge_trials(work, args.merge_kills, args.merge_parts, rng)
+        if "kill" in chosen:
+            result["kill"] = kill_trials(work, args.kills, rng)
+            print(json.dumps(result["kill"]), file=sys.stderr, flush=True)
+        if "write" in chosen:
+            result["write"] = write_trials(work, args.write_kills, rng)
+            print(json.dumps(result["write"]), file=sys.stderr, flush=True)
+        if "flip" in chosen:
+            parts = store.parts(sorted(work.glob("store*"))) or _synthetic_parts(work / "flip-source", 12)
+            result["flip"] = flip_trials(parts, args.flips, rng, work)
+            print(json.dumps(result["flip"]), file=sys.stderr, flush=True)
+        if "merge" in chosen:
+            result["merge"] = merge_trials(work, args.merge_kills, args.merge_parts, rng)
         result["seconds"] = round(time.monotonic() - started)
     finally:
         if args.keep is None:

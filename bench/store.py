@@ -298,9 +298,11 @@ def remove_stale(results: str | Path, *, owner: str | None = None) -> int:
     With `owner`, only that run's own leftovers go. Without, every run's: call it that way only while holding the
     store's lock (`Lock`), which proves that no other sweep is writing."""
     root = Path(results)
-    pattern = f".*.{owner}{_TMP_SUFFIX}" if owner else f".*{_TMP_SUFFIX}"
-    folders = [f for f in (root, root / "parts") if f.is_dir() and not f.is_symlink()]
-    stale = [p for f in folders for p in f.glob(pattern) if p.is_file() or p.is_symlink()]
+    # Parts' temporary files and the lock holder's; not other tools' temporary files beside the store (a report's).
+    patterns = [(root / "parts", _tmp_name(root / "parts" / "*", owner or "*").name),
+                (root, _tmp_name(root / ".lock.holder", owner or "*").name)]
+    stale = [p for folder, pattern in patterns if folder.is_dir() for p in folder.glob(pattern)
+             if p.is_file() or p.is_symlink()]
     scratch = [p for p in root.glob(f".scratch-{owner or '*'}") if p.is_dir()] if root.is_dir() else []
     for p in stale:
         p.unlink(missing_ok=True)
