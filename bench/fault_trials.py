@@ -283,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="fault-trials-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result: dict = {"seed": args.seed}
+        command = " ".join(["python -m bench.fault_trials", *(sys.argv[1:] if argv is None else argv)])
+        result: dict = {"seed": args.seed, "command": command,
+                        "cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in os.getloadavg()]}
         chosen = set(args.trials.split(","))
         started = time.monotonic()
         if "kill" in chosen:
@@ -299,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         if "merge" in chosen:
             result["merge"] = merge_trials(work, args.merge_kills, args.merge_parts, rng)
         result["seconds"] = round(time.monotonic() - started)
+        result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
