@@ -4,6 +4,9 @@
     out = prefixkv.generate(model, inputs, method="prefixkv", budget=0.2, max_new_tokens=64)
     out.sequences, out.cache_stats.kept
 
+    # one prefill, every method x budget: {(label, budget): (batch, T) log-probabilities}
+    prefixkv.sweep_logprobs(model, inputs, continuation, methods=["snapkv", "prefixkv"], budgets=[0.1, 0.2])
+
 `prefixkv.METHODS` maps each method name to its dataclass.
 """
 
@@ -15,6 +18,7 @@ from prefixkv.generation import GenerationOutput, attach, continuation_logprobs,
 from prefixkv.methods import METHODS, Method, build_method
 from prefixkv.profile import Profile
 from prefixkv.scoring import key_importance
+from prefixkv.sweep import PrefilledPrompt, prefill, sweep_generate, sweep_logprobs
 from prefixkv.timer import NullTimer, Timer
 
 __all__ = [
@@ -24,6 +28,7 @@ __all__ = [
     "GenerationOutput",
     "Method",
     "NullTimer",
+    "PrefilledPrompt",
     "PrefixKVCache",
     "Profile",
     "Timer",
@@ -34,8 +39,11 @@ __all__ = [
     "continuation_logprobs",
     "generate",
     "key_importance",
+    "prefill",
     "prefill_scores",
     "prefix_allocation",
     "pyramid_allocation",
+    "sweep_generate",
+    "sweep_logprobs",
     "uniform_allocation",
 ]
