@@ -40,6 +40,10 @@ class Method:
     name: ClassVar[str] = ""
     #: False for methods whose choice does not depend on attention (the scoring hooks then skip the queries).
     needs_scores: ClassVar[bool] = True
+    #: The fields `score` reads. Methods whose `score` is defined by the same class and whose fields listed here are
+    #: equal score every prompt identically (`scorer`), so one prefill scores it once for all of them. A subclass
+    #: whose `score` reads other fields lists them.
+    score_fields: ClassVar[tuple[str, ...]] = ("per_kv_head",)
 
     min_keep: int = 1
     sinks: int = 0
@@ -112,6 +116,25 @@ class Method:
     def query_window(self) -> int | None:
         """How many of the prompt's last queries `score` needs (None: all of them)."""
         return None
+
+    @property
+    def scorer(self) -> tuple:
+        """What determines this method's scores: the class defining its `score`, the query window and the values of
+        its `score_fields`. Equal for methods that score every prompt identically (`uniform` and `prefixkv`;
+        `snapkv` and `pyramidkv`, with equal scoring fields)."""
+        owner = next(cls for cls in type(self).__mro__ if "score" in vars(cls))
+        return (owner, self.query_window, *(getattr(self, field) for field in self.score_fields))
+
+    def score_prompt(
+        self, queries: torch.Tensor, keys: torch.Tensor, layer_idx: int, lse: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`score` from all of a layer's prefill queries and their log-sum-exp (shapes as in `score`), of which it
+        reads the `query_window` last."""
+        window = self.query_window
+        if window is not None:
+            queries = queries[:, :, -window:]
+            lse = None if lse is None else lse[:, :, -window:]
+        return self.score(queries, keys, layer_idx, lse=lse)
 
     # --- the three overridable steps -------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ class Uniform(Method):
     """
 
     name = "uniform"
+    score_fields = ("per_kv_head", "visibility_norm")
 
     sinks: int = 1
     recent: int = 1
