@@ -15,7 +15,7 @@ from prefixkv.budget import check_budget
 from prefixkv.cache import CacheStats, CompressedLayer, PrefixKVCache
 from prefixkv.calibrate import calibrate
 from prefixkv.generation import GenerationOutput, attach, continuation_logprobs, generate, prefill_scores
-from prefixkv.methods import METHODS, Method, build_method
+from prefixkv.methods import METHODS, Method, build_method, method_spec, parse_method_spec, split_method_specs
 from prefixkv.profile import Profile
 from prefixkv.scoring import key_importance
 from prefixkv.sweep import PrefilledPrompt, prefill, sweep_generate, sweep_logprobs
@@ -39,10 +39,13 @@ __all__ = [
     "continuation_logprobs",
     "generate",
     "key_importance",
+    "method_spec",
+    "parse_method_spec",
     "prefill",
     "prefill_scores",
     "prefix_allocation",
     "pyramid_allocation",
+    "split_method_specs",
     "sweep_generate",
     "sweep_logprobs",
     "uniform_allocation",

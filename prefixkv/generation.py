@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prefixkv.budget import check_budget, check_count
+from prefixkv.budget import check_count
 from prefixkv.cache import CacheStats, PrefixKVCache
 from prefixkv.capture import bind, decoder_spec
 from prefixkv.methods import Method, build_method
@@ -51,8 +51,9 @@ def check_inputs(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.
     input_ids = inputs["input_ids"]
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    # What an embedding takes: narrower integers are refused here rather than deep inside the model's embedding.
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold int64 or int32 token ids, got dtype {input_ids.dtype}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.shape[0] < 1:
         raise ValueError(f"input_ids must be (batch, seq) with batch, seq >= 1, got shape {tuple(input_ids.shape)}")
     if input_ids.device.type == "meta":
@@ -60,40 +61,47 @@ def check_inputs(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.
     parameter = next(model.parameters(), None)
     if parameter is not None and parameter.device != input_ids.device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {parameter.device}")
+    _check_vocabulary("input_ids", input_ids, model)
+    check_no_padding(inputs.get("attention_mask"), input_ids)
+    return input_ids
+
+
+def _check_vocabulary(name: str, ids: torch.Tensor, model: nn.Module) -> None:
+    """ValueError when token ids fall outside the model's vocabulary. Checked where reading the ids costs no device
+    sync (on a GPU an out-of-range id trips a device assert instead)."""
+    if ids.device.type != "cpu":
+        return
     vocab = getattr(model.config.get_text_config(decoder=True), "vocab_size", None)
     vocab = vocab if isinstance(vocab, int) else None
-    # Range-checked where reading the ids costs no device sync (on a GPU an out-of-range id trips a device assert).
-    if input_ids.device.type == "cpu":
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or (vocab is not None and high >= vocab):
-            raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values from {low} to {high}")
-    mask = inputs.get("attention_mask")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(input_ids.shape):
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
-        if not bool(mask.bool().all()):  # the one host read at the door, before any work is queued
-            raise ValueError(
-                "attention_mask has padding: the compressed cache needs equal prompt lengths within a batch "
-                "(group prompts by length, or run them one at a time)"
-            )
-    return input_ids
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(f"{name} must lie in [0, {vocab}) (the vocabulary), got values from {low} to {high}")
+
+
+def check_no_padding(mask, input_ids: torch.Tensor) -> None:
+    """ValueError when `mask` (an attention mask, or None) does not have `input_ids`' shape or marks padding."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(input_ids.shape):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+    if not bool(mask.bool().all()):  # the one host read at the door, before any work is queued
+        raise ValueError(
+            "attention_mask has padding: the compressed cache needs equal prompt lengths within a batch "
+            "(group prompts by length, or run them one at a time)"
+        )
 
 
 def check_token_ids(model: nn.Module, name: str, ids, input_ids: torch.Tensor) -> torch.Tensor:
     """`ids`, (batch, T) token ids that follow the prompt (a continuation, a question), as int64 on the prompt's
-    device, after checking them (TypeError/ValueError naming `name` and the value)."""
+    device, checked before any work (TypeError/ValueError naming `name` and the value)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
     if ids.dim() != 2 or ids.shape[0] != input_ids.shape[0] or ids.shape[1] < 1:
         raise ValueError(f"{name} must be (batch={input_ids.shape[0]}, T>=1) token ids, got {tuple(ids.shape)}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    vocab = getattr(model.config.get_text_config(decoder=True), "vocab_size", None)
-    if ids.device.type == "cpu" and isinstance(vocab, int):  # read where it costs no device sync, as check_inputs
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= vocab:
-            raise ValueError(f"{name} must lie in [0, {vocab}) (the vocabulary), got values from {low} to {high}")
+    _check_vocabulary(name, ids, model)
     return ids.to(input_ids.device, torch.long)
 
 
@@ -113,16 +121,14 @@ def make_cache(
     compress_in_prefill: bool = True,
     **method_kwargs,
 ) -> PrefixKVCache:
-    """A `PrefixKVCache` sized for `model`, after checking every argument (ValueError names the bad one)."""
-    budget = check_budget(budget)
-    check_count("max_new_tokens", max_new_tokens, 0)
-    spec = decoder_spec(model)
+    """A `PrefixKVCache` sized for `model`; the cache's constructor checks budget, counts and timer (the public door
+    every entry point passes), `build_method` the method."""
     return PrefixKVCache(
-        spec.num_layers,
+        decoder_spec(model).num_layers,
         method=build_method(method, **method_kwargs),
         budget=budget,
         max_new_tokens=max_new_tokens,
-        timer=check_timer(timer),
+        timer=timer,
         compress_in_prefill=compress_in_prefill,
     )
 
@@ -370,8 +376,34 @@ def attach(
     (`past_key_values=cache` before transformers 5.2x.)
 
     The cache compresses itself during prefill (or before the first decode step). Needs one `generate` call per
-    cache, greedy or sampling (beam search reorders the cache: it raises), and prompts of equal length.
+    cache, greedy or sampling (beam search reorders the cache: it raises), and prompts of equal length: the model's
+    inputs are checked at each call's prefill as `prefixkv.generate` checks them (a padded `attention_mask` is a
+    ValueError), and a second call on the same cache is refused.
     """
     cache = make_cache(model, method, budget, max_new_tokens, timer=timer, **method_kwargs)
-    with bind(model, cache):
-        yield cache
+    hook = model.register_forward_pre_hook(_attached_call_check(cache), with_kwargs=True)
+    try:
+        with bind(model, cache):
+            yield cache
+    finally:
+        hook.remove()
+
+
+def _attached_call_check(cache: PrefixKVCache):
+    """A forward pre-hook for an attached model: its prefill (the cache empty) must carry no padding, and once the
+    cache is compressed only one-token decode steps may follow (a prompt then means a second `generate` call)."""
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        tokens = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else 1
+        if cache.compressed and tokens > 1:
+            raise ValueError(
+                f"this attached cache has already served a generate call (now given {tokens} new tokens at once): one "
+                "cache serves one call; open a new `prefixkv.attach` block for the next one"
+            )
+        if cache.get_seq_length() == 0 and isinstance(ids, torch.Tensor):
+            check_no_padding(kwargs.get("attention_mask"), ids[..., 0] if ids.dim() == 3 else ids)
+
+    return check

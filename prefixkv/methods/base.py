@@ -8,13 +8,14 @@ these that they change; `Method.plan` strings them together.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 
 from prefixkv.allocation import uniform_allocation
 from prefixkv.budget import check_budget
+from prefixkv.methods.spec import method_spec
 from prefixkv.policy import decode_policy
 from prefixkv.scoring import key_importance
 
@@ -84,6 +85,14 @@ class Method:
             raise TypeError(f"{self.name}: {field} must be a number in [{low:g}, {high:g}], got {value!r}")
         if not low <= value <= high:  # also rejects NaN
             raise ValueError(f"{self.name}: {field} must be in [{low:g}, {high:g}], got {value!r}")
+
+    @property
+    def spec(self) -> str:
+        """The canonical method spec of this instance (`prefixkv[recent=8,visibility_norm=True]`): its name and every
+        hyper-parameter that differs from its default, so equal methods get equal labels and
+        `build_method(m.spec)` rebuilds `m` (where every value is a literal)."""
+        changed = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+        return method_spec(self.name, changed)
 
     @property
     def protected(self) -> int:
