@@ -141,6 +141,16 @@ def _from_pretrained(spec: str, cls, name: str, **kwargs):
         raise ModelError(f"model {spec!r} cannot be loaded (nothing is downloaded): {first}") from None
 
 
+def load_or_exit(spec: str, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) of a real model spec (`load_pretrained`: a fetched name, `hf:<id or path>` or a checkpoint
+    directory) for a command line: a spec that cannot be loaded exits with its one-line error."""
+    try:
+        model, tokenizer, _ = load_pretrained(spec, device, dtype)
+    except ModelError as err:
+        raise SystemExit(f"error: {err}") from None
+    return model, tokenizer
+
+
 def load_pretrained(spec: str, device: str, dtype: str):
     """(model, tokenizer, processor) of a real model spec - a fetched name (`smollm2-135m`), `hf:<id or path>` or a
     local directory - in eval mode on `device`; `processor` is None for a text model. Never downloads."""

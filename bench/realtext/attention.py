@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", help="write the statistics as JSON here")
     args = parser.parse_args(argv)
-    from bench.realtext.loading import load_or_exit
+    from bench.models import load_or_exit
 
     try:
         variants = parse_methods(args.methods)

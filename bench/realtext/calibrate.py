@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    from bench.realtext.loading import load_or_exit
+    from bench.models import load_or_exit
 
     if args.samples < 1 or args.length < 16:
         print(f"error: need --samples >= 1 and --length >= 16, got {args.samples}, {args.length}", file=sys.stderr)

@@ -35,14 +35,3 @@ def config(name: str):
 
     return AutoConfig.from_pretrained(converted(name), local_files_only=True)
 
-
-def load_or_exit(spec: str, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) of a real model spec (`bench.models.load_pretrained`: a fetched name, `hf:<id or path>` or a
-    checkpoint directory) for a command line: a spec that cannot be loaded exits with its one-line error."""
-    from bench.models import ModelError, load_pretrained
-
-    try:
-        model, tokenizer, _ = load_pretrained(spec, device, dtype)
-    except ModelError as err:
-        raise SystemExit(f"error: {err}") from None
-    return model, tokenizer
