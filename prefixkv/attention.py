@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from prefixkv.packed import PackedLayer
+
 NAME = "prefixkv"
 #: The attribute `bind` sets on each decoder attention module: the cache it reads and writes.
 BOUND = "_prefixkv_cache"
@@ -44,7 +46,9 @@ def attention(
     head_dim = query.shape[-1]
     scaling = 1.0 / math.sqrt(head_dim) if scaling is None else scaling
     layer = cache.layers[module.layer_idx]
-    if layer.compressed:
+    if isinstance(layer, PackedLayer):  # per-head budgets: the packed layout's own decode attention
+        out = layer.attend(query, scaling, cache.step)
+    elif layer.compressed:
         out = decode_attention(query, key, value, layer.valid(cache.step), scaling, layer)
     else:
         out, lse = prefill_attention(query, key, value, scaling, with_lse=cache.method.needs_scores)
