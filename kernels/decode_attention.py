@@ -261,10 +261,10 @@ def packed_decode_attention(
     V_r` for row r = (b, j // group).
 
     query: (batch, q_heads, d), q_heads = group * kv_heads, unit stride on d; keys, values: (slots, d) in the
-    query's dtype (fp16, bf16, fp32) and device, unit stride on d; starts, lengths: (batch, kv_heads) int32/int64 on
-    the same device, any strides (a stride-0 batch axis shares one row of lengths): row (b, h) holds slots
-    `starts[b, h] + [0, lengths[b, h])`. `max_length` bounds every length (a host int, the rows' capacity: it sizes
-    the grid, so a step never reads a device value). A row of length 0 gives 0.
+    query's dtype (fp16, bf16, fp32) and device, unit stride on d; starts: (batch, kv_heads) and lengths:
+    (batch or 1, kv_heads), int32/int64 on the same device, any strides (one row of lengths is shared by the batch):
+    row (b, h) holds slots `starts[b, h] + [0, lengths[b, h])`. `max_length` bounds every length (a host int, the
+    rows' capacity: it sizes the grid, so a step never reads a device value). A row of length 0 gives 0.
     `received`, if given, is a (slots,) float32 buffer to which each slot's attention, summed over the query heads
     of its group, is added in place (the `score` decode policy's bookkeeping, at no extra pass over the keys).
     `chunk`: slots per split (default: enough splits to fill the GPU, at least `MIN_CHUNK` slots each).
@@ -274,6 +274,7 @@ def packed_decode_attention(
     Falls back to `packed_decode_attention_ref` where `kernels_available(query.device)` is False.
     """
     batch, q_heads, kv_heads, head_dim, scale = _check(query, keys, values, starts, lengths, max_length, scale)
+    lengths = lengths.expand(batch, -1)  # a shared row: stride 0 on the batch axis, no copy
     if received is not None:
         check_tensor("received", received)
         if received.shape != (keys.shape[0],) or received.dtype != torch.float32 or received.device != keys.device:
@@ -404,11 +405,13 @@ def _check(query, keys, values, starts, lengths, max_length, scale) -> tuple[int
     for name, tensor in (("query", query), ("keys", keys), ("values", values)):
         if head_dim > 1 and tensor.stride(-1) != 1:
             raise ValueError(f"{name} needs unit stride on head_dim; got strides {tensor.stride()}")
-    if starts.dim() != 2 or starts.shape[0] != batch or lengths.shape != starts.shape:
+    if starts.dim() != 2 or starts.shape[0] != batch or lengths.dim() != 2 or lengths.shape[1] != starts.shape[1]:
         raise ValueError(
-            f"starts and lengths must be (batch={batch}, kv_heads) of one shape; "
+            f"starts must be (batch={batch}, kv_heads) and lengths (batch or 1, kv_heads); "
             f"got {tuple(starts.shape)} and {tuple(lengths.shape)}"
         )
+    if lengths.shape[0] not in (1, batch):
+        raise ValueError(f"lengths must be (batch={batch} or 1, kv_heads), got {tuple(lengths.shape)}")
     for name, tensor in (("starts", starts), ("lengths", lengths)):
         if tensor.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must be int32 or int64, got {tensor.dtype}")

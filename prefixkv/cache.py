@@ -347,6 +347,7 @@ class PrefixKVCache(Cache):
                 self.advance()
                 for each in self.layers:
                     each.ensure_steps(self.steps)
+        layer = self.layers[layer_idx]  # compression may have replaced it (a packed layer, per-head budgets)
         out = layer.write(key_states, value_states, self.step)
         if not torch.compiler.is_compiling() and layer.history is not None:
             layer.history.append(layer.held_positions(self.steps))

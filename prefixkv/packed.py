@@ -130,6 +130,7 @@ class PackedLayer(CacheLayerMixin):
         limit = torch.tensor(capacities, device=device).clamp_min(1)[None, :, None] - 1
         self._pad_index = _static(self._starts[..., None] + torch.minimum(offsets, limit))
         self._nothing = _static(torch.zeros(0, device=device))  # `received` when no attention is accumulated
+        self._zero = _static(torch.zeros(1, device=device))
 
     def _rows(self, buffer: torch.Tensor, head: int) -> torch.Tensor:
         """Head `head`'s rows of a per-slot buffer: a (batch, capacity[head], ...) view."""
@@ -141,7 +142,10 @@ class PackedLayer(CacheLayerMixin):
             return _static(torch.tensor(rows, dtype=torch.long, device=self.device).T.contiguous())
 
         kept = self.kept_per_head()
-        self._slots = table([plan.slots for plan in self.plans])  # (steps, kv_heads)
+        self._slots = table([plan.slots for plan in self.plans])  # (steps, kv_heads), relative to each row
+        # Where each row writes, as buffer slots: (steps, batch, kv_heads, 1), the shape a (batch, kv_heads, 1, d)
+        # key indexes the buffer with, so a write is one `index_put_` (EVICT entries are chosen on the device).
+        self._destinations = _static(self._starts[None, :, :, None] + self._slots.clamp_min(0)[:, None, :, None])
         self._lengths = table([plan.lengths for plan in self.plans])
         self._lengths_before = table([[k, *plan.lengths[:-1]] for k, plan in zip(kept, self.plans, strict=True)])
 
@@ -154,27 +158,29 @@ class PackedLayer(CacheLayerMixin):
             raise ValueError(
                 f"the packed layout (per-head budgets) decodes one token per step, got {key_states.shape[-2]} tokens"
             )
-        slot = self._slots.index_select(0, step)  # (1, kv_heads)
         seen = step + self.prompt_length  # tokens written before this one = the new token's position
         if self.policy.needs_attention:
+            slot = self._slots.index_select(0, step)  # (1, kv_heads)
             valid = self._pad_offsets < self._lengths_before.index_select(0, step)[..., None]  # (1, kv_heads, longest)
             index = self._pad_index.view(-1)
             received = self.attention_received.index_select(0, index).view(self._pad_index.shape)
             positions = self.slot_positions.index_select(0, index).view(self._pad_index.shape)
             slot = torch.where(slot == EVICT, self.policy.victim(received, positions, valid, seen), slot)
-        destination = (self._starts + slot).view(-1)  # (batch * kv_heads,), in key_states' (b, h) order
-        self.keys.index_copy_(0, destination, key_states.reshape(-1, self.head_dim))
-        self.values.index_copy_(0, destination, value_states.reshape(-1, self.head_dim))
-        self.slot_positions.index_copy_(0, destination, seen.expand(destination.shape))
+            destination = (self._starts + slot)[..., None]  # (batch, kv_heads, 1)
+        else:
+            destination = self._destinations.index_select(0, step)  # (1, batch, kv_heads, 1)
+        self.keys.index_put_((destination,), key_states)
+        self.values.index_put_((destination,), value_states)
+        self.slot_positions.index_put_((destination,), seen)
         if self.attention_received is not None:
-            self.attention_received.index_fill_(0, destination, 0.0)
+            self.attention_received.index_put_((destination,), self._zero)
         return self.keys, self.values
 
     def attend(self, query: torch.Tensor, scaling: float, step: torch.Tensor) -> torch.Tensor:
         """Decode attention of `query` ((batch, q_heads, 1, head_dim), one token) over each row's valid slots after
         step `step`; returns (batch, q_heads, 1, head_dim). Under `score` each slot's attention (summed over its
         group's query heads) is added to `attention_received` by the same operation."""
-        lengths = self._lengths.index_select(0, step).expand(self.batch, -1)  # (batch, kv_heads), stride 0 on batch
+        lengths = self._lengths.index_select(0, step)  # (1, kv_heads): every sequence's row of a head alike
         received = self.attention_received if self.attention_received is not None else self._nothing
         out = packed_decode_attention_op(
             query[:, :, 0], self.keys, self.values, self._starts, lengths, received, max(self.capacities), scaling
