@@ -27,6 +27,7 @@ import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -441,7 +442,8 @@ def packed_decode_attention_ref(
     """Decode attention over a packed KV cache, in float32: arguments as in `packed_decode_attention`.
 
     Gathers each row's first `max_length` slots into a padded (batch, kv_heads, max_length, d) copy, masks the
-    slots past the row's length, and attends; a row of length 0 gives 0. With `received`, adds each valid slot's
+    slots past the row's length, and attends (SDPA, or explicitly where the probabilities are wanted); a row of
+    length 0 gives 0. With `received`, adds each valid slot's
     attention summed over its group's query heads. Returns (batch, q_heads, d) float32. No host synchronisation.
     """
     batch, q_heads, kv_heads, head_dim, scale = _check(query, keys, values, starts, lengths, max_length, scale)
@@ -452,18 +454,22 @@ def packed_decode_attention_ref(
     index = torch.where(valid, starts[..., None] + offsets, 0).reshape(-1)
     if keys.shape[0] == 0:
         return torch.zeros(batch, q_heads, head_dim, dtype=torch.float32, device=query.device)
-    k = keys.index_select(0, index).view(batch, kv_heads, max_length, head_dim).float()
-    # Masked values are zeroed too: a weight of 0 times a NaN in an unused slot would still be NaN.
-    v = values.index_select(0, index).view(batch, kv_heads, max_length, head_dim).float()
-    v = v.masked_fill(~valid[..., None], 0.0)
+    # Masked slots are zeroed: a weight of 0 times a NaN in an unused slot would still be NaN.
+    unused = ~valid[..., None]
+    k = keys.index_select(0, index).view(batch, kv_heads, max_length, head_dim).float().masked_fill_(unused, 0.0)
+    v = values.index_select(0, index).view(batch, kv_heads, max_length, head_dim).float().masked_fill_(unused, 0.0)
     q = query.float().reshape(batch, kv_heads, group, head_dim)
+    empty = ~valid[:, :, :1, None]  # (batch, kv_heads, 1, 1): rows of length 0
+    if received is None:
+        # The group's query heads as SDPA's query sequence: its fused CPU kernel, without materialising logits.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, :, None], scale=scale)
+        return out.masked_fill(empty, 0.0).view(batch, q_heads, head_dim)
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # (batch, kv_heads, group, max_length)
     logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
     top = logits.amax(-1, keepdim=True)
     weights = torch.exp(logits - torch.where(torch.isfinite(top), top, 0.0))
     probs = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    if received is not None:
-        received.index_add_(0, index, probs.sum(2).reshape(-1))
+    received.index_add_(0, index, probs.sum(2).reshape(-1))
     return torch.matmul(probs, v).view(batch, q_heads, head_dim)
 
 

@@ -97,6 +97,9 @@ def test_matches_reference(lengths, group, head_dim, chunk, dtype):
     (out, received), (want, received_ref) = _run(query, keys, values, starts, lens, longest, chunk=chunk)
     assert not out.isnan().any()
     torch.testing.assert_close(out.float(), want, **_tolerance(dtype))
+    # The reference's two paths (SDPA over the padded rows; explicit probabilities when they are accumulated) agree.
+    plain = packed_decode_attention_ref(query, keys, values, starts, lens, max_length=longest)
+    torch.testing.assert_close(plain, want, atol=1e-5, rtol=1e-5)
     # Attention received: added to valid slots only (NaN-poisoned unused slots stay untouched, random start kept),
     # and every query head's attention sums to 1 over its row (0 for an empty row).
     torch.testing.assert_close(received, received_ref, atol=1e-5, rtol=1e-5)
