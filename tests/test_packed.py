@@ -306,3 +306,46 @@ def test_decoder_runs_on_a_packed_cache_bound_by_hand(llama):
         for _ in range(2):
             token = decoder(token).argmax(-1)
     assert cache.stats().held == [sum(c) / 2 + 2 for c in cache.stats().kept_per_head]
+
+
+# --- in the suite -------------------------------------------------------------------------------------------------
+
+
+def test_head_budgets_are_a_matrix_value_and_cells_report_bytes_per_head(tmp_path):
+    """`head_budgets` is set per method in a matrix (checked when the matrix loads), and a cell's row carries the
+    KV bytes allocated and, per [layer][kv_head], the bytes held and the entries kept."""
+    from bench import matrix
+    from bench.cell import measure
+
+    text = """
+[matrix]
+models = ["tiny-llama"]
+batch_sizes = [2]
+text_lengths = [40]
+new_tokens = [4]
+methods = ["snapkv"]
+budgets = [0.3]
+repetitions = 1
+warmup = 0
+cpu_threads = 1
+[method_kwargs.snapkv]
+head_budgets = "adaptive"
+window = 4
+"""
+    path = tmp_path / "heads.toml"
+    path.write_text(text)
+    (cell,) = matrix.load(path).cells()
+    assert cell.method_kwargs["head_budgets"] == "adaptive"
+    path.write_text(text.replace('"adaptive"', '"per-head"'))
+    with pytest.raises(matrix.MatrixError, match="head_budgets must be one of"):
+        matrix.load(path)
+
+    row = measure(cell)[0]
+    kept, held = row["kept_per_head"], row["kv_bytes_per_head"]
+    assert len(kept) == len(held) == row["model_layers"] and all(len(layer) == 2 for layer in kept)
+    assert sum(map(sum, kept)) == 2 * round(0.3 * row["prompt_length"] * row["model_layers"])
+    assert [sum(layer) for layer in held] == row["kv_bytes_per_layer"]
+    # Allocated = held + the planned decode slot left over (grow: the plan covers every new token, the last one is
+    # never written), exactly: nothing is padded to the longest head.
+    entry = 2 * 2 * 2 * 16 * 4  # keys + values x batch x kv_heads x head_dim x fp32 bytes, one slot per row
+    assert row["kv_capacity_bytes_total"] == row["kv_bytes_total"] + row["model_layers"] * entry
