@@ -349,3 +349,25 @@ window = 4
     # never written), exactly: nothing is padded to the longest head.
     entry = 2 * 2 * 2 * 16 * 4  # keys + values x batch x kv_heads x head_dim x fp32 bytes, one slot per row
     assert row["kv_capacity_bytes_total"] == row["kv_bytes_total"] + row["model_layers"] * entry
+
+
+def test_head_counts_figure(tmp_path):
+    """The README figure's pieces: per-head counts from a method's plan, and the figure from their frame."""
+    import pandas as pd
+
+    from bench.realtext.heads import figure, kept_per_head
+
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.rand(1, 3, 50, generator=gen) ** (1 + 4 * i) for i in range(4)]
+    dense = kept_per_head(prefixkv.build_method("prefixkv", per_kv_head=True), scores, 0.2)
+    adaptive = kept_per_head(prefixkv.build_method("prefixkv", **ADAPTIVE), scores, 0.2)
+    assert all(len(set(layer)) == 1 for layer in dense) and sum(map(sum, dense)) == 3 * round(0.2 * 50 * 4)
+    assert sum(map(sum, adaptive)) == round(0.2 * 50 * 4 * 3) and any(len(set(layer)) > 1 for layer in adaptive)
+    frame = pd.DataFrame.from_records(
+        {"variant": name, "layer": layer, "kv_head": h, "kept": k}
+        for name, counts in (("per layer", dense), ("per head", adaptive))
+        for layer, heads in enumerate(counts)
+        for h, k in enumerate(heads)
+    )
+    path = figure(frame, tmp_path / "heads.png", title="test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
