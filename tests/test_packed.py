@@ -371,3 +371,25 @@ def test_head_counts_figure(tmp_path):
     )
     path = figure(frame, tmp_path / "heads.png", title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_frames_from_result_rows():
+    """bench.memory shapes stored rows into plain frames; rows without the columns are skipped, not fatal."""
+    import numpy as np
+    import pandas as pd
+
+    from bench.memory import head_memory, kv_memory
+
+    rows = pd.DataFrame([
+        {"key": "a", "method": "prefixkv", "kv_bytes_total": 3 * 2**20, "kv_capacity_bytes_total": 4 * 2**20,
+         "kept_per_head": [np.array([1, 3]), np.array([2, 2])],
+         "kv_bytes_per_head": [np.array([2**20, 3 * 2**20]), np.array([0, 2**19])]},
+        {"key": "old", "method": "h2o", "kv_bytes_total": 2**20, "kv_capacity_bytes_total": None,
+         "kept_per_head": None, "kv_bytes_per_head": None},
+    ])
+    memory = kv_memory(rows)
+    assert memory["key"].tolist() == ["a"] and memory["allocated_over_held"].tolist() == [4 / 3]
+    heads = head_memory(rows)
+    assert heads[["layer", "kv_head", "kept"]].values.tolist() == [[0, 0, 1], [0, 1, 3], [1, 0, 2], [1, 1, 2]]
+    assert heads["kv_mib"].tolist() == [1.0, 3.0, 0.0, 0.5]
+    assert head_memory(rows.drop(columns=["kept_per_head"])).empty
