@@ -393,3 +393,12 @@ def test_memory_frames_from_result_rows():
     assert heads[["layer", "kv_head", "kept"]].values.tolist() == [[0, 0, 1], [0, 1, 3], [1, 0, 2], [1, 1, 2]]
     assert heads["kv_mib"].tolist() == [1.0, 3.0, 0.0, 0.5]
     assert head_memory(rows.drop(columns=["kept_per_head"])).empty
+
+
+def test_peak_memory_of_one_generation():
+    """bench.peak_memory's measurement, in this process: the generation's own peak and its KV bytes."""
+    from bench.peak_memory import measure
+
+    row = measure("tiny-llama", "cpu", "snapkv[head_budgets=adaptive,window=4]", 2, 24, 3, 0.5)
+    assert row["peak_above_before_mib"] >= 0 and row["peak_source"] == "peak RSS (VmHWM)"
+    assert 0 < row["kv_held_mib"] <= row["kv_allocated_mib"]
