@@ -60,6 +60,14 @@ def llama():
     return tiny_llama()
 
 
+@pytest.fixture
+def kernels_on(monkeypatch):
+    """Undo the module's reference-only mode for one test: the Triton kernels run (interpreted on CPU)."""
+    import kernels.scores
+
+    monkeypatch.setattr(kernels.scores, "_reference_only", False)
+
+
 def _padded(held: torch.Tensor) -> torch.Tensor:
     """A packed layer's held positions with the -1 padding replaced by the row's first position (a duplicate is
     harmless in the oracle's mask, which scatters True)."""
@@ -274,7 +282,7 @@ def test_packed_step_compiles_fullgraph_once_and_matches_eager(llama, dynamo_onl
 
 
 @pytest.mark.skipif(not kernels_available("cpu") and not torch.cuda.is_available(), reason="no kernels here")
-def test_kernel_path_matches_the_reference_path():
+def test_kernel_path_matches_the_reference_path(kernels_on):
     """The decode-attention kernel (interpreted on CPU) in the cache: the reference path's tokens and statistics."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_llama(layers=2).to(device)
@@ -282,14 +290,7 @@ def test_kernel_path_matches_the_reference_path():
     run = {"method": "snapkv", "budget": 0.5, "max_new_tokens": 4, "decode": "score", "window": 4, **ADAPTIVE}
     with reference_only():
         want = prefixkv.generate(model, inputs, **run)
-    # Leave the fixture's reference-only mode for this one call.
-    import kernels.scores
-
-    previous, kernels.scores._reference_only = kernels.scores._reference_only, False
-    try:
-        got = prefixkv.generate(model, inputs, **run)
-    finally:
-        kernels.scores._reference_only = previous
+    got = prefixkv.generate(model, inputs, **run)
     assert torch.equal(got.sequences, want.sequences)
     assert got.cache_stats.evictions == want.cache_stats.evictions
     for a, b in zip(got.cache_stats.positions, want.cache_stats.positions, strict=True):
@@ -402,3 +403,52 @@ def test_peak_memory_of_one_generation():
     row = measure("tiny-llama", "cpu", "snapkv[head_budgets=adaptive,window=4]", 2, 24, 3, 0.5)
     assert row["peak_above_before_mib"] >= 0 and row["peak_source"] == "peak RSS (VmHWM)"
     assert 0 < row["kv_held_mib"] <= row["kv_allocated_mib"]
+
+
+# --- CUDA: the kernel in the cache, no sync, CUDA graphs ----------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cuda_packed_step_never_synchronises(kernels_on, policy):
+    from tests.test_decode_step import _NoSyncInDecode
+
+    model = tiny_llama().cuda()
+    inputs = {"input_ids": text_inputs(batch=2, seq=40)["input_ids"].cuda()}
+    for method, kwargs in VARIANTS:
+        prefixkv.generate(model, inputs, method=method, budget=0.25, max_new_tokens=6, decode=policy,
+                          timer=_NoSyncInDecode(), **ADAPTIVE, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cuda_graph_packed_step_matches_eager(kernels_on, policy):
+    """Compiled with CUDA graphs (the kernel inside, as one custom op): the eager step's log-probabilities, and a
+    handful of host launches per step."""
+    torch._dynamo.reset()
+    model = tiny_llama(layers=4).cuda()
+    inputs = {"input_ids": text_inputs(batch=2, seq=40, seed=6)["input_ids"].cuda()}
+    kwargs = {"method": "snapkv", "budget": 0.25, "decode": policy, "window": 8, **ADAPTIVE}
+    continuation = prefixkv.generate(model, inputs, max_new_tokens=12, **kwargs).sequences[:, 40:]
+    eager = prefixkv.continuation_logprobs(model, inputs, continuation, **kwargs)
+    compiled = prefixkv.continuation_logprobs(model, inputs, continuation, compile=True, **kwargs)
+    torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
+    counters = StepCounters(count_ops=False, profile_launches=True)
+    prefixkv.generate(model, inputs, max_new_tokens=8, timer=counters, compile=True, **kwargs)
+    assert counters.per_step()["kernel_launches"] <= 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_packed_half_precision_matches_the_reference_path(kernels_on, dtype):
+    """In half precision the kernel's tokens may differ from the fp32 reference's only by rounding: compare the
+    log-probabilities of one continuation instead."""
+    model = tiny_llama(layers=2).cuda().to(dtype)
+    inputs = {"input_ids": text_inputs(batch=2, seq=48, seed=9)["input_ids"].cuda()}
+    kwargs = {"method": "prefixkv", "budget": 0.3, **ADAPTIVE}
+    continuation = prefixkv.generate(model, inputs, max_new_tokens=6, **kwargs).sequences[:, 48:]
+    got = prefixkv.continuation_logprobs(model, inputs, continuation, **kwargs)
+    with reference_only():
+        want = prefixkv.continuation_logprobs(model, inputs, continuation, **kwargs)
+    tolerance = 2e-2 if dtype == torch.float16 else 8e-2  # a few units of the dtype's last place on O(1) logits
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
