@@ -3,9 +3,11 @@
 
 A benchmark cell's peak memory on CPU is its process's peak RSS since it started, which includes the full-cache
 reference it generates first, so it cannot tell two methods' KV caches apart. Here each variant runs alone in its
-own process: the model is loaded, the peak RSS is reset to the current RSS (Linux: `/proc/self/clear_refs`), one
-`prefixkv.generate` runs, and the peak RSS above the RSS before it is the generation's own peak - the KV cache
-(prefill's and the compressed one), activations and first-call allocations. On CUDA the allocator's peak
+own process: the model is loaded and warmed up (every weight read once - safetensors are memory-mapped, so the
+first forward pass would page in the whole model - and a one-token forward), freed memory is handed back to the
+system (glibc `malloc_trim`), the peak RSS is reset to the current RSS (Linux: `/proc/self/clear_refs`), one
+`prefixkv.generate` runs, and the peak RSS above the RSS before it is the generation's own peak: the KV cache
+(prefill's and the compressed one) and the activations. On CUDA the allocator's peak
 (`torch.cuda.max_memory_allocated`) above the memory allocated before is used instead. Each line also gives the
 KV bytes allocated and held after generation (`prefixkv.CacheStats`).
 """
@@ -13,6 +15,7 @@ KV bytes allocated and held after generation (`prefixkv.CacheStats`).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import subprocess
 import sys
@@ -40,11 +43,16 @@ def measure(model_name: str, device: str, label: str, batch: int, length: int, n
     (variant,) = parse_methods(label)
     loaded = build(model_name, device, "float32")
     inputs = loaded.make_inputs(batch, length, 0)
+    with torch.inference_mode():
+        for parameter in loaded.model.parameters():
+            parameter.sum()
+        loaded.model(input_ids=inputs["input_ids"][:1, :1], use_cache=False)
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) starts again from the current RSS
         before = _status_kib("VmRSS") * 1024
     out = prefixkv.generate(loaded.model, inputs, method=variant.method, budget=budget, max_new_tokens=new_tokens,
