@@ -7,14 +7,18 @@ own process: the model is loaded and warmed up (every weight read once - safeten
 first forward pass would page in the whole model - and a one-token forward), freed memory is handed back to the
 system (glibc `malloc_trim`), the peak RSS is reset to the current RSS (Linux: `/proc/self/clear_refs`), one
 `prefixkv.generate` runs, and the peak RSS above the RSS before it is the generation's own peak: the KV cache
-(prefill's and the compressed one) and the activations. On CUDA the allocator's peak
-(`torch.cuda.max_memory_allocated`) above the memory allocated before is used instead. Each line also gives the
-KV bytes allocated and held after generation (`prefixkv.CacheStats`).
+(prefill's and the compressed one) and the activations. RSS also moves with the allocator's habits (arenas,
+fragmentation: tens of MiB between two runs of the same code), so the heap's live bytes are sampled too, after
+every aten operation (glibc `mallinfo2`: bytes in use, mmapped chunks included; `HeapPeak`): their peak above the
+start is deterministic to the operation (a custom op's temporaries, freed before it returns, are not seen). On
+CUDA the allocator's peak (`torch.cuda.max_memory_allocated`) above the memory allocated before is used instead.
+Each line also gives the KV bytes allocated and held after generation (`prefixkv.CacheStats`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import subprocess
@@ -22,11 +26,39 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import prefixkv
 from bench.realtext.evaluate import parse_methods
 
 MIB = 2**20
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+class HeapPeak(TorchDispatchMode):
+    """The peak of the C heap's live bytes (glibc `mallinfo2`: in use + mmapped) above its value on entry, sampled
+    after every aten operation dispatched inside the block (`peak`, bytes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        self._mallinfo2.restype = _Mallinfo2
+        self.start = self.live()
+        self.peak = 0
+
+    def live(self) -> int:
+        info = self._mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.live() - self.start)
+        return out
 
 
 def _status_kib(field: str) -> int:
@@ -55,8 +87,10 @@ def measure(model_name: str, device: str, label: str, batch: int, length: int, n
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) starts again from the current RSS
         before = _status_kib("VmRSS") * 1024
-    out = prefixkv.generate(loaded.model, inputs, method=variant.method, budget=budget, max_new_tokens=new_tokens,
-                            **variant.kwargs)
+    heap = HeapPeak() if device == "cpu" else contextlib.nullcontext()
+    with heap:
+        out = prefixkv.generate(loaded.model, inputs, method=variant.method, budget=budget,
+                                max_new_tokens=new_tokens, **variant.kwargs)
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
         peak, source = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
@@ -67,6 +101,7 @@ def measure(model_name: str, device: str, label: str, batch: int, length: int, n
         "method": label,
         "peak_above_before_mib": (peak - before) / MIB,
         "peak_source": source,
+        "heap_peak_mib": heap.peak / MIB if device == "cpu" else None,
         "kv_allocated_mib": sum(stats.capacity_bytes) / MIB,
         "kv_held_mib": sum(stats.bytes) / MIB,
         "prompt_length": stats.prompt_length,
@@ -105,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{variant.label}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
             return 1
         row = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{row['method']}: peak {row['peak_above_before_mib']:.1f} MiB above the loaded model "
+        heap = "" if row["heap_peak_mib"] is None else f"live heap peak {row['heap_peak_mib']:.1f} MiB, "
+        print(f"{row['method']}: {heap}peak {row['peak_above_before_mib']:.1f} MiB above the loaded model "
               f"({row['peak_source']}); KV allocated {row['kv_allocated_mib']:.2f} MiB, held "
               f"{row['kv_held_mib']:.2f} MiB; prompt {row['prompt_length']} tokens", flush=True)
     return 0

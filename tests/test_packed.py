@@ -402,7 +402,7 @@ def test_peak_memory_of_one_generation():
 
     row = measure("tiny-llama", "cpu", "snapkv[head_budgets=adaptive,window=4]", 2, 24, 3, 0.5)
     assert row["peak_above_before_mib"] >= 0 and row["peak_source"] == "peak RSS (VmHWM)"
-    assert 0 < row["kv_held_mib"] <= row["kv_allocated_mib"]
+    assert 0 < row["kv_held_mib"] <= row["kv_allocated_mib"] <= row["heap_peak_mib"]
 
 
 # --- CUDA: the kernel in the cache, no sync, CUDA graphs ----------------------------------------------------------
