@@ -13,6 +13,7 @@ from prefixkv.cache import CacheStats, CompressedLayer, PrefixKVCache
 from prefixkv.calibrate import calibrate
 from prefixkv.generation import GenerationOutput, attach, continuation_logprobs, generate, prefill_scores
 from prefixkv.methods import METHODS, Method, build_method
+from prefixkv.packed import PackedLayer
 from prefixkv.profile import Profile
 from prefixkv.scoring import key_importance
 from prefixkv.timer import NullTimer, Timer
@@ -24,6 +25,7 @@ __all__ = [
     "GenerationOutput",
     "Method",
     "NullTimer",
+    "PackedLayer",
     "PrefixKVCache",
     "Profile",
     "Timer",
