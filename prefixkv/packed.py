@@ -119,18 +119,19 @@ class PackedLayer(CacheLayerMixin):
         self.keys = _static(torch.zeros(slots, self.head_dim, dtype=self.dtype, device=device))
         self.values = _static(torch.zeros_like(self.keys))
         self.slot_positions = _static(torch.full((slots,), -1, dtype=torch.long, device=device))
-        self.attention_received = (
-            _static(torch.zeros(slots, device=device)) if self.policy.needs_attention else None
-        )
         self._starts = _static(torch.tensor(starts, dtype=torch.long, device=device))  # (batch, kv_heads)
-        longest = max(capacities, default=0)
-        offsets = torch.arange(longest, device=device)
+        # Only what the policy reads is kept: the bookkeeping of a layer stays below a dense layer's.
+        if not self.policy.needs_attention:
+            self.attention_received = None
+            self._nothing = _static(torch.zeros(0, device=device))  # `received`: no attention accumulated
+            return
+        self.attention_received = _static(torch.zeros(slots, device=device))
+        self._zero = _static(torch.zeros(1, device=device))
+        offsets = torch.arange(max(capacities, default=0), device=device)
         self._pad_offsets = _static(offsets)
         # Row (b, h)'s slots padded to the longest capacity with its own last slot (masked wherever it is read).
         limit = torch.tensor(capacities, device=device).clamp_min(1)[None, :, None] - 1
         self._pad_index = _static(self._starts[..., None] + torch.minimum(offsets, limit))
-        self._nothing = _static(torch.zeros(0, device=device))  # `received` when no attention is accumulated
-        self._zero = _static(torch.zeros(1, device=device))
 
     def _rows(self, buffer: torch.Tensor, head: int) -> torch.Tensor:
         """Head `head`'s rows of a per-slot buffer: a (batch, capacity[head], ...) view."""
@@ -142,12 +143,15 @@ class PackedLayer(CacheLayerMixin):
             return _static(torch.tensor(rows, dtype=torch.long, device=self.device).T.contiguous())
 
         kept = self.kept_per_head()
-        self._slots = table([plan.slots for plan in self.plans])  # (steps, kv_heads), relative to each row
+        self._lengths = table([plan.lengths for plan in self.plans])  # (steps, kv_heads): valid slots after a step
+        if self.policy.needs_attention:
+            self._slots = table([plan.slots for plan in self.plans])  # relative to each row; EVICT: on the device
+            self._lengths_before = table([[k, *plan.lengths[:-1]] for k, plan in zip(kept, self.plans, strict=True)])
+            return
         # Where each row writes, as buffer slots: (steps, batch, kv_heads, 1), the shape a (batch, kv_heads, 1, d)
-        # key indexes the buffer with, so a write is one `index_put_` (EVICT entries are chosen on the device).
-        self._destinations = _static(self._starts[None, :, :, None] + self._slots.clamp_min(0)[:, None, :, None])
-        self._lengths = table([plan.lengths for plan in self.plans])
-        self._lengths_before = table([[k, *plan.lengths[:-1]] for k, plan in zip(kept, self.plans, strict=True)])
+        # key indexes the buffer with, so a write is one `index_put_`.
+        slots = torch.tensor([plan.slots for plan in self.plans], dtype=torch.long, device=self.device).T
+        self._destinations = _static(self._starts[None, :, :, None] + slots[:, None, :, None])
 
     # --- decode -----------------------------------------------------------------------------------------------
 
@@ -181,7 +185,7 @@ class PackedLayer(CacheLayerMixin):
         step `step`; returns (batch, q_heads, 1, head_dim). Under `score` each slot's attention (summed over its
         group's query heads) is added to `attention_received` by the same operation."""
         lengths = self._lengths.index_select(0, step)  # (1, kv_heads): every sequence's row of a head alike
-        received = self.attention_received if self.attention_received is not None else self._nothing
+        received = self._nothing if self.attention_received is None else self.attention_received
         out = packed_decode_attention_op(
             query[:, :, 0], self.keys, self.values, self._starts, lengths, received, max(self.capacities), scaling
         )
