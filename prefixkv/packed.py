@@ -119,7 +119,8 @@ class PackedLayer(CacheLayerMixin):
         self.keys = _static(torch.zeros(slots, self.head_dim, dtype=self.dtype, device=device))
         self.values = _static(torch.zeros_like(self.keys))
         self.slot_positions = _static(torch.full((slots,), -1, dtype=torch.long, device=device))
-        self._starts = _static(torch.tensor(starts, dtype=torch.long, device=device))  # (batch, kv_heads)
+        # int32 bookkeeping (half a dense layer's int64 tables): a layer's slots stay far below 2^31.
+        self._starts = _static(torch.tensor(starts, dtype=torch.int32, device=device))  # (batch, kv_heads)
         # Only what the policy reads is kept: the bookkeeping of a layer stays below a dense layer's.
         if not self.policy.needs_attention:
             self.attention_received = None
@@ -140,7 +141,7 @@ class PackedLayer(CacheLayerMixin):
 
     def _load_plans(self) -> None:
         def table(rows: list[list[int]]) -> torch.Tensor:
-            return _static(torch.tensor(rows, dtype=torch.long, device=self.device).T.contiguous())
+            return _static(torch.tensor(rows, dtype=torch.int32, device=self.device).T.contiguous())
 
         kept = self.kept_per_head()
         self._lengths = table([plan.lengths for plan in self.plans])  # (steps, kv_heads): valid slots after a step
@@ -150,7 +151,7 @@ class PackedLayer(CacheLayerMixin):
             return
         # Where each row writes, as buffer slots: (steps, batch, kv_heads, 1), the shape a (batch, kv_heads, 1, d)
         # key indexes the buffer with, so a write is one `index_put_`.
-        slots = torch.tensor([plan.slots for plan in self.plans], dtype=torch.long, device=self.device).T
+        slots = torch.tensor([plan.slots for plan in self.plans], dtype=torch.int32, device=self.device).T
         self._destinations = _static(self._starts[None, :, :, None] + slots[:, None, :, None])
 
     # --- decode -----------------------------------------------------------------------------------------------
