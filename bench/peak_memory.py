@@ -1,5 +1,6 @@
 """Peak memory of one generation, each variant in a fresh process:
-`python -m bench.peak_memory --methods "A,B" [--model smollm2-135m] [--batch 4] [--length 512] [--budget 0.2]`.
+`python -m bench.peak_memory --methods "A,B" [--model smollm2-135m] [--batch 4] [--length 512] [--budget 0.2]
+[--out rows.jsonl]`.
 
 A benchmark cell's peak memory on CPU is its process's peak RSS since it started, which includes the full-cache
 reference it generates first, so it cannot tell two methods' KV caches apart. Here each variant runs alone in its
@@ -12,7 +13,8 @@ fragmentation: tens of MiB between two runs of the same code), so the heap's liv
 every aten operation (glibc `mallinfo2`: bytes in use, mmapped chunks included; `HeapPeak`): their peak above the
 start is deterministic to the operation (a custom op's temporaries, freed before it returns, are not seen). On
 CUDA the allocator's peak (`torch.cuda.max_memory_allocated`) above the memory allocated before is used instead.
-Each line also gives the KV bytes allocated and held after generation (`prefixkv.CacheStats`).
+Each line also gives the KV bytes allocated and held after generation (`prefixkv.CacheStats`); `--out` appends each
+row, with its settings, to a JSON-lines file as it finishes.
 """
 
 from __future__ import annotations
@@ -99,6 +101,12 @@ def measure(model_name: str, device: str, label: str, batch: int, length: int, n
     stats = out.cache_stats
     return {
         "method": label,
+        "model": model_name,
+        "device": device,
+        "batch": batch,
+        "length": length,
+        "new_tokens": new_tokens,
+        "budget": budget,
         "peak_above_before_mib": (peak - before) / MIB,
         "peak_source": source,
         "heap_peak_mib": heap.peak / MIB if device == "cpu" else None,
@@ -118,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of each process")
+    parser.add_argument("--out", type=Path, help="JSON-lines file the rows are appended to")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one variant, JSON out
     args = parser.parse_args(argv)
     if args.one:
@@ -139,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode != 0:
             print(f"{variant.label}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
             return 1
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        heap = "" if row["heap_peak_mib"] is None else f"live heap peak {row['heap_peak_mib']:.1f} MiB, "
+        row = json.loads(done.stdout.strip().splitlines()[-1]) | {"threads": args.threads}
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a") as f:  # one line per row: a crash loses at most the row in progress
+                f.write(json.dumps(row) + "\n")
+        heap = "" if row["heap_peak_mib"] is None else f"live heap peak {row['heap_peak_mib']:.2f} MiB, "
         print(f"{row['method']}: {heap}peak {row['peak_above_before_mib']:.1f} MiB above the loaded model "
               f"({row['peak_source']}); KV allocated {row['kv_allocated_mib']:.2f} MiB, held "
               f"{row['kv_held_mib']:.2f} MiB; prompt {row['prompt_length']} tokens", flush=True)

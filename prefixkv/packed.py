@@ -20,7 +20,8 @@ the victim of each row is an `argmin` over a padded (batch, kv_heads, longest ca
 attention. Attention is `kernels.decode_attention` (a Triton flash-decoding kernel on CUDA, its torch reference
 elsewhere), one custom op per layer that also returns each entry's attention for `score`.
 
-One token per decode step: a multi-token chunk raises.
+One token per decode step: a multi-token chunk after compression (teacher forcing a continuation in one call)
+raises a one-line `ValueError` in `write` and `attend`; feed such a chunk one token at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ from transformers.cache_utils import CacheLayerMixin
 from kernels.compact import compact_kv_into
 from kernels.decode_attention import packed_decode_attention_op
 from prefixkv.policy import EVICT, DecodePolicy, Plan
+
+
+def _check_one_token(tokens: int) -> None:
+    # A chunk's rows would each need their own per-row visibility over every head's plan; not built for this layout.
+    if tokens != 1:
+        raise ValueError(
+            f"the packed layout (per-head budgets) decodes one token per step, got {tokens} tokens: multi-token "
+            "chunks after compression are not supported with head_budgets='adaptive'"
+        )
 
 
 def _static(tensor: torch.Tensor) -> torch.Tensor:
@@ -159,10 +169,7 @@ class PackedLayer(CacheLayerMixin):
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, step: torch.Tensor):
         """Decode step `step` ((1,) int64 on the device): write the new token's key and value ((batch, kv_heads, 1,
         head_dim)) where each head's plan says (where the device chooses, under `score`). No host synchronisation."""
-        if key_states.shape[-2] != 1:
-            raise ValueError(
-                f"the packed layout (per-head budgets) decodes one token per step, got {key_states.shape[-2]} tokens"
-            )
+        _check_one_token(key_states.shape[-2])
         seen = step + self.prompt_length  # tokens written before this one = the new token's position
         if self.policy.needs_attention:
             slot = self._slots.index_select(0, step)  # (1, kv_heads)
@@ -185,6 +192,7 @@ class PackedLayer(CacheLayerMixin):
         """Decode attention of `query` ((batch, q_heads, 1, head_dim), one token) over each row's valid slots after
         step `step`; returns (batch, q_heads, 1, head_dim). Under `score` each slot's attention (summed over its
         group's query heads) is added to `attention_received` by the same operation."""
+        _check_one_token(query.shape[2])
         lengths = self._lengths.index_select(0, step)  # (1, kv_heads): every sequence's row of a head alike
         received = self._nothing if self.attention_received is None else self.attention_received
         out = packed_decode_attention_op(

@@ -215,8 +215,11 @@ def test_a_multi_token_chunk_is_refused_in_one_line(llama):
         cache.compress()
         layer = cache.layers[0]
         chunk = torch.zeros(1, 2, 3, 16)
-        with pytest.raises(ValueError, match=r"^the packed layout \(per-head budgets\) decodes one token per step"):
+        refused = r"^the packed layout \(per-head budgets\) decodes one token per step, got 3 tokens: multi-token"
+        with pytest.raises(ValueError, match=refused):
             layer.write(chunk, chunk, cache.step)
+        with pytest.raises(ValueError, match=refused):
+            layer.attend(torch.zeros(1, 4, 3, 16), 0.25, cache.step)
 
 
 @pytest.mark.parametrize(
@@ -403,6 +406,24 @@ def test_peak_memory_of_one_generation():
     row = measure("tiny-llama", "cpu", "snapkv[head_budgets=adaptive,window=4]", 2, 24, 3, 0.5)
     assert row["peak_above_before_mib"] >= 0 and row["peak_source"] == "peak RSS (VmHWM)"
     assert 0 < row["kv_held_mib"] <= row["kv_allocated_mib"] <= row["heap_peak_mib"]
+
+
+def test_peak_memory_command_appends_a_row_per_variant(tmp_path, capsys):
+    """The command: the variant in its own process, one line printed and one JSON row (with its settings) kept."""
+    import json
+
+    from bench.peak_memory import main
+
+    out = tmp_path / "rows.jsonl"
+    args = ["--model", "tiny-llama", "--batch", "2", "--length", "24", "--new-tokens", "3", "--budget", "0.5",
+            "--out", str(out), "--methods"]
+    assert main([*args, "snapkv[head_budgets=adaptive,window=4]"]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["method"] == "snapkv[head_budgets=adaptive,window=4]" and row["kv_held_mib"] > 0
+    assert (row["budget"], row["batch"], row["length"], row["threads"]) == (0.5, 2, 24, 1)
+    assert "snapkv[head_budgets=adaptive,window=4]: live heap peak" in capsys.readouterr().out
+    assert main([*args, "snapkv", "--budget", "1.5"]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and len(out.read_text().splitlines()) == 1
 
 
 # --- CUDA: the kernel in the cache, no sync, CUDA graphs ----------------------------------------------------------
