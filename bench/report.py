@@ -154,6 +154,7 @@ def cells(frame: pd.DataFrame) -> pd.DataFrame:
             "peak_memory_mib": _float(r.get("peak_memory_bytes")) / MIB,
             "peak_memory_source": r.get("peak_memory_source"),
             "kv_cache_mib": _float(r.get("kv_bytes_total")) / MIB,
+            "kv_allocated_mib": _float(r.get("kv_capacity_bytes_total")) / MIB,
             "token_agreement": _float(r.get("token_agreement")), "rouge_l": _float(r.get("rouge_l")),
             "perplexity": _float(r.get("perplexity")),
             "kept_per_layer": r.get("kept_per_layer"),
@@ -364,7 +365,8 @@ def _fig_memory(c: pd.DataFrame, f: Figure) -> plt.Figure:
     groups = list(dict.fromkeys(zip(low["hardware"], low["model"], low["lengths"], strict=True)))
     many_hw = low["hardware"].nunique() > 1
     palette = _palette(c)
-    panels = [("peak_memory_mib", "peak memory (MiB)"), ("kv_cache_mib", "KV cache after generation (MiB)")]
+    panels = [("peak_memory_mib", "peak memory (MiB)"),
+              ("kv_cache_mib", "KV cache after generation (MiB)\nheld (filled), allocated (hollow)")]
     fig, axes = plt.subplots(len(groups), 2, figsize=(11.0, 3.3 * len(groups)), squeeze=False)
     for i, (hw, model, lengths) in enumerate(groups):
         g = low[(low["hardware"] == hw) & (low["model"] == model) & (low["lengths"] == lengths)]
@@ -378,6 +380,10 @@ def _fig_memory(c: pd.DataFrame, f: Figure) -> plt.Figure:
                 at = "" if m["is_full"].iloc[0] else f" @ {m['budget'].iloc[0]:g}"
                 ax.plot(m["batch_size"], m[y], marker="o", markersize=7, color=palette[method], label=method + at,
                         linestyle="--" if m["is_full"].iloc[0] else "-")
+                allocated = m.dropna(subset=["kv_allocated_mib"]) if y == "kv_cache_mib" else m.iloc[:0]
+                if not allocated.empty:  # hollow: the bytes allocated (planned decode slots included)
+                    ax.plot(allocated["batch_size"], allocated["kv_allocated_mib"], marker="o", markersize=9,
+                            markerfacecolor="none", linestyle=":", color=palette[method])
                 f.methods.add(method)
             if len(batches) > 2 and batches[-1] / batches[0] > 8:
                 ax.set_xscale("log", base=2)
@@ -574,7 +580,9 @@ def figures(c: pd.DataFrame) -> list[Figure]:
         _make("memory", "Memory vs batch size",
               "Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the process's peak RSS, model and "
               "interpreter included (so compression barely moves it). KV cache: bytes held by all layers after "
-              "generation. Each method at its lowest budget in the store; the full cache dashed.", c, _fig_memory),
+              "generation (filled markers) and bytes allocated, planned decode slots included (hollow markers, "
+              "dotted; per-head budgets allocate the sum of what the heads keep). Each method at its lowest budget in "
+              "the store; the full cache dashed.", c, _fig_memory),
         _make("energy", "Energy per token", "Joules from NVML's total-energy counter over each timed call.", energy,
               _fig_energy, missing=None if not energy.empty else
               f"No energy data: energy comes from NVML, unavailable for these cells ({telemetry})."),

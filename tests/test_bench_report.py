@@ -239,6 +239,10 @@ def test_memory_figure_shows_a_single_batch_size(cells):
         assert ax.get_ylim()[0] == 0
         assert [t.get_text() for t in ax.get_xticklabels()] == ["1"]
         assert all(line.get_marker() == "o" for line in ax.get_lines())
+    kv_lines = fig.axes[1].get_lines()  # the KV panel: each method's held bytes, then its allocated bytes (hollow)
+    held, allocated = kv_lines[0::2], kv_lines[1::2]
+    assert len(held) == len(allocated) > 1 and {line.get_markerfacecolor() for line in allocated} == {"none"}
+    assert all((a.get_ydata() > h.get_ydata()).all() for h, a in zip(held, allocated, strict=True))
     report.plt.close(fig)
 
 
