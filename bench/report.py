@@ -158,6 +158,7 @@ def cells(frame: pd.DataFrame) -> pd.DataFrame:
             "token_agreement": _float(r.get("token_agreement")), "rouge_l": _float(r.get("rouge_l")),
             "perplexity": _float(r.get("perplexity")),
             "kept_per_layer": r.get("kept_per_layer"),
+            "kept_per_head": r.get("kept_per_head"),
             "telemetry_status": r.get("telemetry_status"),
         }
         row["workload"] = labels.workload(row["batch_size"], row["prompt_length"], row["new_tokens"],
@@ -476,9 +477,16 @@ def _fig_tradeoff(c: pd.DataFrame, f: Figure) -> plt.Figure:
     return fig
 
 
+def _heads_differ(kept_per_head) -> bool:
+    """Whether a row's [layer][kv_head] kept counts differ between the heads of some layer (per-head budgets)."""
+    if not isinstance(kept_per_head, list | np.ndarray) or len(kept_per_head) == 0:
+        return False
+    return any(len(set(np.asarray(layer).tolist())) > 1 for layer in kept_per_head)
+
+
 def _fig_kept(c: pd.DataFrame, f: Figure) -> list[plt.Figure]:
     """Per model: prompt entries kept per layer, every method and decode policy, at one workload (the longest
-    prompt at the smallest batch on the first hardware)."""
+    prompt at the smallest batch on the first hardware); one line per KV head where the heads' counts differ."""
     d = c[c["kept_per_layer"].map(lambda k: k is not None and len(k) > 0)]
     out = []
     for model, m in d.groupby("model", sort=False):
@@ -487,7 +495,12 @@ def _fig_kept(c: pd.DataFrame, f: Figure) -> list[plt.Figure]:
         m = m[m["batch_size"] == m["batch_size"].min()]
         rows = {}
         for _, r in m.iterrows():
-            rows[f"{r['method']} @ {r['budget']:g}"] = np.asarray(r["kept_per_layer"], dtype=float) / r["prompt_length"]
+            label = f"{r['method']} @ {r['budget']:g}"
+            if _heads_differ(r.get("kept_per_head")):
+                for head, kept in enumerate(zip(*r["kept_per_head"], strict=True)):
+                    rows[f"{label} · KV head {head}"] = np.asarray(kept, dtype=float) / r["prompt_length"]
+            else:
+                rows[label] = np.asarray(r["kept_per_layer"], dtype=float) / r["prompt_length"]
             f.methods.add(r["method"])
         matrix = pd.DataFrame(rows).T
         matrix.columns = [str(i) for i in range(matrix.shape[1])]
@@ -599,7 +612,8 @@ def figures(c: pd.DataFrame) -> list[Figure]:
               "and the model).", c, _fig_tradeoff),
         _make("kept", "Per-layer kept counts",
               "Prompt entries each layer keeps after compaction, as a fraction of the prompt: PrefixKV sizes layers "
-              "from their importance profile, the baselines keep the same fraction everywhere (or a pyramid).", c,
+              "from their importance profile, the baselines keep the same fraction everywhere (or a pyramid). With "
+              "per-head budgets (head_budgets=\"adaptive\") each KV head is its own line.", c,
               _fig_kept),
     ]
 
