@@ -353,6 +353,8 @@ window = 4
     # never written), exactly: nothing is padded to the longest head.
     entry = 2 * 2 * 2 * 16 * 4  # keys + values x batch x kv_heads x head_dim x fp32 bytes, one slot per row
     assert row["kv_capacity_bytes_total"] == row["kv_bytes_total"] + row["model_layers"] * entry
+    assert [a - h for a, h in zip(row["kv_capacity_bytes_per_layer"], row["kv_bytes_per_layer"], strict=True)] == [
+        entry] * row["model_layers"]
 
 
 def test_head_counts_figure(tmp_path):
