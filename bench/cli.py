@@ -2,20 +2,33 @@
 
 Bad input (a malformed matrix, an unknown method, a budget outside (0, 1], a model that cannot be built, a missing
 results directory, an output path that is a file, a directory or read-only, a results directory another runner
-holds) is one line on stderr and exit code 2, before any cell runs. Ctrl-C is one line and exit code 130 (SIGTERM:
-143); a part that cannot be written (disk full) stops the sweep with one line and exit code 1. `compare` exits 0 (no
-regression), 1 (regression), 2 (bad input or an unusable store), 3 (a baseline cell missing or failed in current).
-`run --executor ray` without Ray installed, or with a cluster that cannot be reached, is one line and exit code 2.
-`merge` exits 0 (1 when a part could not be written), printing one line per conflict or invalid part.
+holds or whose members have the wrong type, stores that nest) is one line on stderr and exit code 2, before any cell
+runs. Ctrl-C is one line and exit code 130 (SIGTERM: 143); a part that cannot be written (disk full) stops the sweep
+with one line and exit code 1. `compare` exits 0 (no regression), 1 (regression), 2 (bad input, an unusable store
+or timing, nothing compared), 3 (a baseline cell missing or failed in current). `run --executor ray` without Ray
+installed, or with a cluster that cannot be reached, is one line and exit code 2. `merge` exits 0 (1 when a part
+could not be written), printing one line per conflict or invalid part. Any verb: an internal error (a bug) is one
+line naming the exception and where it was raised, and exit code 4 - never 1, which means a regression or a failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 4, 130
+
+#: `bench compare --help` ends with these (the README's regression gate section says the same).
+COMPARE_EXIT_CODES = """exit codes:
+  0  no regression
+  1  a regression: a counter or a timing got worse beyond its threshold
+  2  the gate cannot judge: bad input, an unusable store (missing, unreadable, an invalid part, no successful cell,
+     a required column missing), an unusable timing (non-finite or <= 0), or a cell with nothing to compare
+  3  a cell that succeeded in the baseline is missing or failed in the current store
+  4  internal error (a bug in the gate; please report it)
+when several apply, the first in the order 4, 2, 3, 1 is returned"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--matrix", required=True, help="matrix TOML file (see bench/matrices/default.toml)")
     run.add_argument("--results", required=True, help="results directory (created; cells already in it are skipped)")
     run.add_argument("--models", help="comma-separated model specs, replacing the matrix's")
-    run.add_argument("--methods", help="comma-separated methods (from prefixkv.METHODS), or 'all'")
+    run.add_argument("--methods", help="comma-separated method specs (name or name[key=value,...], from "
+                     "prefixkv.METHODS), or 'all'")
     run.add_argument("--budgets", help="comma-separated budgets in (0, 1]")
     run.add_argument("--batch-sizes", help="comma-separated batch sizes")
     run.add_argument("--text-lengths", help="comma-separated text lengths (tokens, after the image tokens)")
@@ -71,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
 
     compare = verbs.add_parser(
         "compare", help="regression gate: exit 1 on a regression, 3 when a baseline cell is missing or failed in "
-        "CURRENT, 2 on bad input",
+        "CURRENT, 2 when it cannot judge, 4 on an internal error", epilog=COMPARE_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     compare.add_argument("baseline", help="baseline results directory")
     compare.add_argument("current", help="current results directory")
@@ -112,13 +127,15 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    from bench.matrix import parse_list
+    from bench.matrix import parse_list, parse_specs
 
     lists = {
-        "models": str, "methods": str, "budgets": float, "batch_sizes": int, "text_lengths": int,
-        "new_tokens": int, "devices": str, "decode_policies": str,
+        "models": str, "budgets": float, "batch_sizes": int, "text_lengths": int, "new_tokens": int, "devices": str,
+        "decode_policies": str,
     }
     out: dict[str, object] = {}
+    if args.methods is not None:
+        out["methods"] = list(parse_specs(args.methods, "--methods"))
     for name, kind in lists.items():
         value = getattr(args, name)
         if value is not None:
@@ -130,8 +147,8 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _executor(args: argparse.Namespace):
-    """The executor `run` asked for, started (Ray connected) so that its errors are bad input, before any cell runs."""
-    from bench.executor import ExecutorError, LocalExecutor, RayExecutor, parse_resources
+    """The executor `run` asked for, not started: `bench.runner.sweep` owns its start and close."""
+    from bench.executor import LocalExecutor, RayExecutor, parse_resources
 
     if args.executor == "local":
         for flag, value in (("--address", args.address), ("--resources", args.resources)):
@@ -142,17 +159,12 @@ def _executor(args: argparse.Namespace):
         resources = parse_resources(args.resources) if args.resources else None
     except ValueError as err:
         raise BadInput(str(err)) from None
-    executor = RayExecutor(args.address, resources)
-    try:
-        executor.start()
-    except ExecutorError as err:
-        raise BadInput(str(err)) from None
-    return executor
+    return RayExecutor(args.address, resources)
 
 
 def _run(args: argparse.Namespace) -> int:
     from bench import matrix as matrix_mod
-    from bench import models, store
+    from bench import models
 
     mx = matrix_mod.load(args.matrix, _overrides(args))
     for spec in mx.models:
@@ -181,29 +193,9 @@ def _run(args: argparse.Namespace) -> int:
             print(cell.key, cell.label)
         return 0
 
-    from bench.executor import ExecutorError
     from bench.runner import sweep
 
-    # Last of the checks (it creates the directory), still before any cell runs.
-    _preflight(lambda: store.check_writable_dir(args.results, "results directory"))
-    executor = _executor(args)
-    try:
-        if args.executor == "ray":
-            for line in executor.infeasible(cells):
-                # A cluster that was given may grow (an autoscaler adds the node); the instance started here cannot.
-                if executor.local_instance:
-                    raise BadInput(line)
-                print(f"bench run: warning: {line}; its cells wait until such a node joins", file=sys.stderr)
-        outcomes = sweep(cells, args.results, force=args.force, matrix_name=mx.name, executor=executor)
-    except store.StoreLocked as err:
-        raise BadInput(str(err)) from None
-    except ExecutorError as err:
-        raise BadInput(str(err)) from None
-    except store.StoreError as err:
-        print(f"bench run: error: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    finally:
-        executor.close()
+    outcomes = sweep(cells, args.results, force=args.force, matrix_name=mx.name, executor=_executor(args))
     failed = [o for o in outcomes if o.status not in ("ok", "skipped")]
     ran = sum(o.status != "skipped" for o in outcomes)
     print(f"{ran} cells run, {len(outcomes) - ran} skipped, {len(failed)} failed; results in {args.results}")
@@ -211,24 +203,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from bench import store
+    from bench.merge import merge
 
     for d in args.sources:
         if not Path(d).is_dir():
             raise BadInput(f"results directory {d!r} does not exist")
-    _preflight(lambda: store.check_writable_dir(args.into, "--into"))
-    try:
-        merged = store.merge(args.sources, args.into)
-    except store.StoreLocked as err:
-        raise BadInput(str(err)) from None
-    except store.StoreError as err:
-        print(f"bench merge: error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    merged = merge(args.sources, args.into)
     for line in merged.lines:
         print(line)
     print(f"{merged.copied + merged.replaced} parts merged into {args.into} ({merged.copied} new, {merged.replaced} "
-          f"replacing older runs), {merged.identical} already there, {merged.kept} conflicts kept the newer part "
-          f"already there, {merged.invalid} invalid skipped")
+          f"replacing failed or older runs), {merged.identical} already there, {merged.kept} conflicts kept the "
+          f"better part already there, {merged.invalid} invalid skipped")
     return 0
 
 
@@ -239,54 +224,56 @@ def _report(args: argparse.Namespace) -> int:
     for d in args.results:
         if not Path(d).is_dir():
             raise BadInput(f"results directory {d!r} does not exist")
-    out = Path(args.out) if args.out else Path(args.results[0]) / "index.html"
-    _preflight(lambda: store.check_writable_file(out, "--out"))
+    out = store.check_writable_file(Path(args.out) if args.out else Path(args.results[0]) / "index.html", "--out")
     path = write_report(args.results, out, title=args.title)
     print(path)
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from bench.compare import CompareError, compare, print_table
+    from bench.compare import compare, print_table
 
-    if not 0 <= args.factor < 10:
-        raise BadInput(f"--factor must be in [0, 10), got {args.factor}")
-    if not 0 < args.alpha < 1:
-        raise BadInput(f"--alpha must be in (0, 1), got {args.alpha}")
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    try:
-        result = compare(args.baseline, args.current, factor=args.factor, alpha=args.alpha, mode=args.mode,
-                         metrics=metrics)
-    except (CompareError, ValueError) as err:
-        raise BadInput(str(err)) from None
+    result = compare(args.baseline, args.current, factor=args.factor, alpha=args.alpha, mode=args.mode,
+                     metrics=metrics)
     print_table(result)
     return result.exit_code
 
 
-def _preflight(check) -> None:
-    from bench.store import StoreError
-
-    try:
-        check()
-    except StoreError as err:
-        raise BadInput(str(err)) from None
-
-
 def main(argv: list[str] | None = None) -> int:
+    from bench.compare import CompareError
+    from bench.executor import ExecutorError
     from bench.matrix import MatrixError
     from bench.models import ModelError
     from bench.runner import Interrupted
+    from bench.store import StoreError, StoreUnusable
 
     args = _parser().parse_args(argv)
     handlers = {"run": _run, "report": _report, "compare": _compare, "merge": _merge, "fetch": _fetch}
     try:
         return handlers[args.verb](args)
-    except (BadInput, MatrixError, ModelError) as err:
+    except (BadInput, MatrixError, ModelError, CompareError, StoreUnusable, ExecutorError) as err:
         print(f"bench {args.verb}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StoreError as err:  # a part that could not be written (disk full): the work so far is kept
+        print(f"bench {args.verb}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except Interrupted as err:
         print(f"bench {args.verb}: stopped by {err}; finished cells are kept (re-run to resume)", file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:
         print(f"bench {args.verb}: interrupted; finished cells are kept (re-run to resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - a bug: one line and its own exit code, never a regression's 1
+        print(f"bench {args.verb}: internal error (a bug; please report it): {_one_line(err)}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _one_line(err: BaseException) -> str:
+    """`IndexError: list index out of range (at bench/compare.py:123 in _samples)`: the exception and the innermost
+    frame of the suite or the library that raised it."""
+    ours = [f for f in traceback.extract_tb(err.__traceback__) if {"bench", "prefixkv"} & set(Path(f.filename).parts)]
+    where = f" (at {Path(ours[-1].filename).parent.name}/{Path(ours[-1].filename).name}:{ours[-1].lineno} in " \
+            f"{ours[-1].name})" if ours else ""
+    message = str(err).strip().splitlines()[0][:300] if str(err).strip() else "no message"
+    return f"{type(err).__name__}: {message}{where}"

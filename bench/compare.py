@@ -18,9 +18,15 @@ by the median of the `full`-cache cell of the same workload and machine - from t
 one there, else from any run of that store (a resumed store may hold the `full` cell in an earlier run). What is
 compared is then "how much slower than the full cache", which a faster or slower machine leaves unchanged.
 
-`Comparison.exit_code`: 0 no regression, 1 regression, 3 a cell that succeeded in the baseline is missing or failed
-in the current store (a crash is the worst regression). A store that is missing, unreadable or holds no successful
-cell raises `CompareError` (the CLI's exit code 2).
+What the gate refuses to judge, it says: a timing sample that is not a finite number > 0 (a NaN prefill, an empty
+list of decode steps, a zero or negative time) makes its cell and metric *unusable*, as does a cell with no `full`
+cell to normalise by in ratio mode, and a part of either store that failed validation (quarantined on read: the cell
+it held would otherwise vanish from the comparison unseen). A store that is missing, unreadable, holds no successful
+cell or lacks a column the comparison needs raises `CompareError`.
+
+`Comparison.exit_code`, the first that applies: 2 something was unusable (the gate cannot vouch for the stores), 3 a
+cell that succeeded in the baseline is missing or failed in the current store (a crash is the worst regression),
+1 a regression, 0 none. The CLI adds 2 for `CompareError` and 4 for an internal error (`bench.cli`).
 """
 
 from __future__ import annotations
@@ -40,7 +46,14 @@ from scipy.stats import mannwhitneyu
 
 from bench import labels, store
 
-EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_MISSING = 0, 1, 2, 3
+EXIT_OK, EXIT_REGRESSION, EXIT_UNUSABLE, EXIT_MISSING = 0, 1, 2, 3
+
+
+def _p10(steps) -> float:
+    """The lower decile of one repetition's decode steps; NaN (unusable) when it has none."""
+    steps = np.asarray(steps if steps is not None else [], dtype=float).reshape(-1)
+    return float(np.percentile(steps, 10)) if steps.size else math.nan
+
 
 #: metric -> how to get its samples from one cell's rows (one row per repetition). One sample per repetition: the
 #: decode steps of one call are not independent draws (they share the call's machine state), and pooling them would
@@ -49,12 +62,15 @@ EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_MISSING = 0, 1, 2, 3
 #: consecutive runs of one code moved between 2.4 and 7 ms while the lower decile stayed within about 20%; work added
 #: to every step (the regression sought) moves the lower decile as much as the median.
 METRICS = {
-    "decode_step_p10_s": lambda rows: np.array(
-        [np.percentile(np.asarray(s, dtype=float), 10) for s in rows["decode_steps_s"]]
-    ),
+    "decode_step_p10_s": lambda rows: np.array([_p10(s) for s in rows["decode_steps_s"]], dtype=float),
     "prefill_s": lambda rows: rows["prefill_s"].to_numpy(dtype=float),
     "total_s": lambda rows: rows["total_s"].to_numpy(dtype=float),
 }
+
+#: The column each metric is read from.
+SOURCES = {"decode_step_p10_s": "decode_steps_s", "prefill_s": "prefill_s", "total_s": "total_s"}
+#: Columns every compared store needs (besides each judged metric's `SOURCES` column).
+REQUIRED = ("key", "status", "method", "shape_key", "env_machine")
 
 #: The metrics judged by default. `total_s` is left out: it adds the median decode steps (load-sensitive, unlike their
 #: lower decile) to the prefill, and alone made 2 of 14 A/A trials fail on the 2-core machines (README, gate section).
@@ -73,7 +89,8 @@ COUNTERS = {
 
 
 class CompareError(ValueError):
-    """A store that cannot be compared (missing, unreadable, no successful cell); one line."""
+    """Bad input to the gate: a store that cannot be compared (missing, unreadable, no successful cell, a required
+    column missing) or a bad argument; one line."""
 
 
 @dataclass
@@ -81,6 +98,7 @@ class Comparison:
     rows: list[dict] = field(default_factory=list)  # timing layer
     counters: list[dict] = field(default_factory=list)  # counter layer
     missing: list[dict] = field(default_factory=list)  # baseline cells missing or failed in the current store
+    unusable: list[str] = field(default_factory=list)  # what could not be judged, one line each
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -89,6 +107,8 @@ class Comparison:
 
     @property
     def exit_code(self) -> int:
+        if self.unusable:
+            return EXIT_UNUSABLE
         if self.missing:
             return EXIT_MISSING
         return EXIT_REGRESSION if self.regressions else EXIT_OK
@@ -97,17 +117,25 @@ class Comparison:
         return pd.DataFrame(self.counters + self.rows)
 
 
-def _load(source: str | Path | pd.DataFrame, role: str) -> pd.DataFrame:
+def _load(source: str | Path | pd.DataFrame, role: str, metrics: tuple[str, ...], invalid: list[str]) -> pd.DataFrame:
+    """A store's rows, checked at the gate's door; parts that fail validation are appended to `invalid`."""
     if isinstance(source, pd.DataFrame):
         frame = source
     else:
         if not Path(source).is_dir():
             raise CompareError(f"{role} results directory {str(source)!r} does not exist")
-        frame = store.load(source)
+        frame = store.load(source, on_invalid=lambda path, why: invalid.append(
+            f"{role} part {path} failed validation ({why}): its cell cannot be compared"))
         if frame.empty:
             raise CompareError(f"{role} results directory {str(source)!r} holds no readable part")
     if frame.empty or "status" not in frame or not (frame["status"] == "ok").any():
         raise CompareError(f"{role} store {_name(source)} holds no successful cell")
+    ok = frame[frame["status"] == "ok"]
+    for column in (*REQUIRED, *(SOURCES[m] for m in metrics)):
+        # A timing without a value is judged unusable per cell (`_bad_timings`); an identity without one is bad input.
+        if column not in frame or (column in REQUIRED and ok[column].isna().any()):
+            where = "has no column" if column not in frame else "has rows without a value in column"
+            raise CompareError(f"{role} store {_name(source)} {where} {column!r}, which the comparison needs")
     return frame
 
 
@@ -134,31 +162,48 @@ def _runs(rows: pd.DataFrame) -> list[pd.DataFrame]:
     return [run for _, run in rows.groupby("run_id", sort=True)]
 
 
-def _full_median(frame: pd.DataFrame, run: pd.DataFrame, metric: str) -> float | None:
-    """Median `metric` of the `full` cell of `run`'s workload and machine: from `run` itself when that run has one,
-    else pooled over every run of `frame` that has it."""
+def _full_rows(frame: pd.DataFrame, run: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the `full` cell of `run`'s workload and machine: from `run` itself when that run has one, else
+    from every run of `frame` that has it (empty when there is none)."""
     r = run.iloc[0]
     full = frame[(frame["shape_key"] == r["shape_key"]) & (frame["env_machine"] == r["env_machine"])
                  & (frame["method"] == "full")]
     if "run_id" in full:
         same = full[full["run_id"] == r["run_id"]]
         full = same if not same.empty else full
-    if full.empty:
-        return None
-    return float(np.median(METRICS[metric](full)))
+    return full
 
 
-def _samples(frame: pd.DataFrame, rows: pd.DataFrame, metric: str, ratio: bool) -> list[np.ndarray] | None:
-    """`metric`'s samples of `rows`, one array per run; divided by the matching `full` median when `ratio`."""
+def _samples(frame: pd.DataFrame, rows: pd.DataFrame, metric: str, ratio: bool, bad: dict) -> list[np.ndarray] | str:
+    """`metric`'s samples of `rows`, one array per run, divided by the matching `full` median when `ratio`; or why
+    they cannot be had."""
     out = []
     for run in _runs(rows):
         x = METRICS[metric](run)
         if ratio:
-            ref = _full_median(frame, run, metric)
-            if ref is None or not ref > 0:
-                return None
-            x = x / ref
+            full = _full_rows(frame, run)
+            if full.empty:
+                return f"no `full` cell of this workload and machine to normalise {metric} by"
+            unusable = [bad[k, metric] for k in full["key"].unique() if (k, metric) in bad]
+            if unusable:
+                return f"the `full` cell it is normalised by is unusable ({unusable[0]})"
+            x = x / float(np.median(METRICS[metric](full)))
         out.append(x)
+    return out
+
+
+def _bad_timings(frame: pd.DataFrame, role: str, metrics: tuple[str, ...]) -> dict[tuple[str, str], str]:
+    """(cell key, metric) -> why, for every cell of `frame` with a timing sample that is not a finite number > 0 (a
+    repetition's decode steps: every step, and at least one)."""
+    out = {}
+    for key, rows in frame.groupby("key", sort=True):
+        for metric in metrics:
+            values = [np.asarray(v if v is not None else [], dtype=float).reshape(-1) for v in rows[SOURCES[metric]]]
+            bad = [v for v in values if v.size == 0 or not bool(np.all(np.isfinite(v) & (v > 0)))]
+            if bad:
+                example = "no value" if bad[0].size == 0 else f"{bad[0][~(np.isfinite(bad[0]) & (bad[0] > 0))][0]:g}"
+                out[key, metric] = (f"{role}: {len(bad)} of {len(values)} repetitions hold a {SOURCES[metric]} that is "
+                                    f"not a finite number > 0 ({example})")
     return out
 
 
@@ -191,20 +236,25 @@ def compare(
     metrics: tuple[str, ...] = GATED,
     counters: dict[str, float] | None = None,
 ) -> Comparison:
-    """Compare every cell that succeeded in the baseline against the current store; see the module docstring."""
+    """Compare every cell that succeeded in the baseline against the current store; see the module docstring.
+    CompareError (one line) for bad arguments or a store that cannot be compared."""
     if mode not in ("auto", "absolute", "ratio"):
-        raise ValueError(f"mode must be 'auto', 'absolute' or 'ratio', got {mode!r}")
+        raise CompareError(f"mode must be 'auto', 'absolute' or 'ratio', got {mode!r}")
     if not (isinstance(factor, int | float) and math.isfinite(factor) and factor >= 0):
-        raise ValueError(f"factor must be a finite number >= 0, got {factor!r}")
+        raise CompareError(f"factor (--factor) must be a finite number >= 0, got {factor!r}")
     if not (isinstance(alpha, int | float) and 0 < alpha < 1):
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        raise CompareError(f"alpha (--alpha) must be in (0, 1), got {alpha!r}")
+    metrics = tuple(metrics)
     unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metric(s) {sorted(unknown)}; known: {', '.join(METRICS)}")
+    if unknown or not metrics:
+        raise CompareError(f"unknown metric(s) {sorted(unknown)}; known: {', '.join(METRICS)}" if unknown
+                           else "no timing metric to judge")
     counters = COUNTERS if counters is None else counters
-    base_all, cur_all = _load(baseline, "baseline"), _load(current, "current")
-    base, cur = base_all[base_all["status"] == "ok"], cur_all[cur_all["status"] == "ok"]
     result = Comparison()
+    base_all = _load(baseline, "baseline", metrics, result.unusable)
+    cur_all = _load(current, "current", metrics, result.unusable)
+    base, cur = base_all[base_all["status"] == "ok"], cur_all[cur_all["status"] == "ok"]
+    bad = {**_bad_timings(base, "baseline", metrics), **_bad_timings(cur, "current", metrics)}
 
     for key in sorted(set(base["key"]) - set(cur["key"])):
         failed = cur_all[cur_all["key"] == key]
@@ -235,12 +285,16 @@ def compare(
             result.counters.append(_judge_counter(key, label, name, b[name].dropna().to_numpy(float),
                                                   c[name].dropna().to_numpy(float), tolerance))
         if use_ratio and b["method"].iloc[0] == "full":
-            continue
+            continue  # the normaliser: its ratio is 1 by definition
         for metric in metrics:
-            xb = _samples(base, b, metric, use_ratio)
-            xc = _samples(cur, c, metric, use_ratio)
-            if xb is None or xc is None:
-                result.notes.append(f"{label}: no `full` cell of this workload and machine to normalise {metric} by")
+            if (key, metric) in bad:
+                result.unusable.append(f"{label}: {metric} cannot be judged: {bad[key, metric]}")
+                continue
+            xb = _samples(base, b, metric, use_ratio, bad)
+            xc = _samples(cur, c, metric, use_ratio, bad)
+            why = next((x for x in (xb, xc) if isinstance(x, str)), None)
+            if why is not None:
+                result.unusable.append(f"{label}: {metric} cannot be judged: {why}")
                 continue
             result.rows.append(_judge(key, label, metric, "ratio" if use_ratio else "absolute", xb, xc, factor, alpha))
     if absent_counters:
@@ -248,6 +302,8 @@ def compare(
             f"counter(s) {', '.join(sorted(absent_counters))} absent from one store (older rows, or not measured on "
             "this device): those cells are judged on timing alone"
         )
+    if not (result.rows or result.counters or result.missing or result.unusable):
+        result.unusable.append("nothing was compared: the stores share no cell that both ran successfully")
     return result
 
 
@@ -311,11 +367,15 @@ def print_table(result: Comparison, console: Console | None = None) -> None:
         why = m["status"] if not m["error"] else f"{m['status']}: {str(m['error'])[:200]}"
         console.print(f"[red]missing:[/] {escape(m['cell'])} ({m['key']}) succeeded in the baseline, current: "
                       f"{escape(why)}")
+    for line in result.unusable:
+        console.print(f"[red]unusable:[/] {escape(line)}")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     n = len(result.regressions)
+    bad = n or result.missing or result.unusable
     console.print(
-        f"[{'red' if n or result.missing else 'green'}]{n} regression(s), {len(result.missing)} missing cell(s)[/] "
-        f"among {len(result.counters)} counter and {len(result.rows)} timing comparisons (exit {result.exit_code})",
+        f"[{'red' if bad else 'green'}]{n} regression(s), {len(result.missing)} missing cell(s), "
+        f"{len(result.unusable)} unusable[/] among {len(result.counters)} counter and {len(result.rows)} timing "
+        f"comparisons (exit {result.exit_code})",
         markup=True,
     )

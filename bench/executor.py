@@ -2,7 +2,7 @@
 finishes; the runner (`bench.runner.sweep`) alone writes the store, under its lock, one atomic part per cell.
 
 - `LocalExecutor` (the default): one cell after another on this machine, each in its own subprocess
-  (`bench.runner.run_cell`).
+  (`bench.isolation.run_cell`).
 - `RayExecutor` (`bench run --executor ray`): each cell is a Ray task asking for what it needs - one GPU for a CUDA
   cell, `cpu_threads` CPUs (1 when 0) for a CPU cell, plus any custom resources (`{"H100": 1}`) that steer it to a
   kind of machine. On its worker the task runs the same subprocess isolation (`run_cell`), so a cell's OOM or crash
@@ -25,6 +25,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import isolation
 from bench.matrix import Cell
 
 RAY_MISSING = "--executor ray needs Ray, which is not installed: pip install 'prefixkv-bench[fleet]'"
@@ -62,6 +63,10 @@ class Executor(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Stop cells still running and release what `start` took; idempotent."""
+
+    def check(self, cells: Sequence[Cell], on_warning: Callable[[str], None]) -> None:  # noqa: B027 - optional hook
+        """After `start`: ExecutorError (one line) when `cells` can never run here; `on_warning` for cells that can
+        run only once the executor grows."""
 
     @abstractmethod
     def machine_ids(self) -> set[str]:
@@ -101,12 +106,10 @@ class LocalExecutor(Executor):
         return {self.env["env_machine_id"]}
 
     def run(self, cells, *, scratch, on_progress):
-        from bench import runner  # looked up at call time: tests replace runner.run_cell
-
         self.start()
         for cell in cells:
             on_progress(cell.label)
-            status, rows, error = runner.run_cell(cell, self.python, scratch)
+            status, rows, error = isolation.run_cell(cell, self.python, scratch)
             yield Finished(cell, status, rows, error, self.env)
 
 
@@ -133,11 +136,10 @@ def _cell_task(cell_json: str) -> dict:
     import ray
 
     from bench.environment import fingerprint
-    from bench.runner import run_cell
 
     cell = Cell.from_json(cell_json)
     env = fingerprint()
-    status, rows, error = run_cell(cell)
+    status, rows, error = isolation.run_cell(cell)
     context = ray.get_runtime_context()
     return {"status": status, "rows": rows, "error": error, "env": env, "host": socket.gethostname(),
             "node": context.get_node_id(), "resources": context.get_assigned_resources()}
@@ -259,6 +261,14 @@ class RayExecutor(Executor):
                 ) or "no alive node"
                 out.append(f"no node of the Ray cluster offers {_fmt(need)} (nodes offer: {offered})")
         return out
+
+    def check(self, cells: Sequence[Cell], on_warning: Callable[[str], None]) -> None:
+        """Cells no alive node can run: an error with the instance started here (its nodes are all there will be); a
+        warning with a given cluster, which may grow (an autoscaler adds the node)."""
+        for line in self.infeasible(cells):
+            if self.local_instance:
+                raise ExecutorError(line)
+            on_warning(f"{line}; its cells wait until such a node joins")
 
     # -- running
 

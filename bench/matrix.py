@@ -9,7 +9,7 @@ A matrix file has one `[matrix]` table (see `bench/matrices/default.toml` for ev
     batch_sizes = [1, 4]
     text_lengths = [48]                # text tokens; the prompt is the model's image tokens + these
     new_tokens = [16]
-    methods = ["full", "prefixkv"]     # or "all": every method in prefixkv.METHODS
+    methods = ["full", "prefixkv"]     # or "all"; a method spec each: "prefixkv[visibility_norm=True]" works too
     budgets = [0.1, 0.5]               # kept fraction of the prompt cache, in (0, 1]; `full` always runs at 1.0
     repetitions = 3
     warmup = 1
@@ -22,9 +22,12 @@ A matrix file has one `[matrix]` table (see `bench/matrices/default.toml` for ev
     [method_kwargs.prefixkv]           # optional hyper-parameters per method
     min_keep = 4
 
-A cell is one (model, device, dtype, batch size, text length, new tokens, method, budget, hyper-parameters, seed,
-CPU threads);
-its key hashes exactly those fields, so results of the same cell from different machines or runs line up.
+A method is a method spec (`prefixkv.methods.spec`): a name, or a name with hyper-parameters in brackets, which
+win over the method's `[method_kwargs.<name>]` table; several variants of one method may sit side by side. A cell
+is one (model, device, dtype, batch size, text length, new tokens, method, budget, hyper-parameters, seed, CPU
+threads); its key hashes exactly those fields, so results of the same cell from different machines or runs line up
+(`prefixkv[recent=8]` and `[method_kwargs.prefixkv] recent = 8` are the same cell). A cell generates at least
+`MIN_NEW_TOKENS` tokens: the first comes from the prefill, so with fewer no decode step would be timed.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ _FIELDS: dict[str, tuple[type, bool]] = {
     "decode_policies": (str, True),
     "compile": (bool, True),
 }
+#: The fewest generated tokens a cell may ask for: one from the prefill, then at least one timed decode step.
+MIN_NEW_TOKENS = 2
 #: Keys of one entry of `workloads`.
 _WORKLOAD_KEYS = ("batch", "text", "new")
 
@@ -170,13 +175,16 @@ class Matrix:
         """Every cell, workload-major (all methods of one workload run back to back). `full` runs once per
         workload, at budget 1.0 and with the `grow` policy, whatever the budgets and policies. A policy set in
         `[method_kwargs.<method>]` (`decode = ...`) wins over `decode_policies` for that method."""
+        from prefixkv import parse_method_spec
+
         out: dict[str, Cell] = {}
         for model, device, (batch, text, new) in itertools.product(self.models, self.devices, self.shapes()):
-            for method in self.methods:
+            for spec in self.methods:
+                method, given = parse_method_spec(spec)
                 budgets = (1.0,) if method == "full" else self.budgets
                 policies = ("grow",) if method == "full" else self.decode_policies
                 for policy, budget, compiled in itertools.product(policies, budgets, self.compile):
-                    kwargs = dict(self.method_kwargs.get(method, {}))
+                    kwargs = {**self.method_kwargs.get(method, {}), **given}
                     if policy != "grow":
                         kwargs.setdefault("decode", policy)
                     cell = Cell(
@@ -249,14 +257,11 @@ def parse(
     fields = {name: _typed(at(name), name, value) for name, value in values.items()}
     fields.setdefault("name", default_name)
 
-    from prefixkv import METHODS, check_budget
+    from prefixkv import METHODS, build_method, check_budget, parse_method_spec
 
     methods = fields.get("methods", Matrix.methods)
     if methods == ("all",):
         methods = tuple(METHODS)
-    for method in methods:
-        if method not in METHODS:
-            raise MatrixError(f"{at('methods')}: unknown method {method!r}; known: {', '.join(METHODS)}")
     fields["methods"] = methods
     for budget in fields.get("budgets", Matrix.budgets):
         try:
@@ -276,9 +281,10 @@ def parse(
         if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
             raise MatrixError(f"{at('devices')}: unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
     for name in ("batch_sizes", "text_lengths", "new_tokens", "repetitions"):
+        low = MIN_NEW_TOKENS if name == "new_tokens" else 1
         for v in _as_tuple(fields.get(name, getattr(Matrix, name))):
-            if not 1 <= v <= INT_MAX:
-                raise MatrixError(f"{at(name)}: {name} must be >= 1 and <= 2**63-1, got {v}")
+            if not low <= v <= INT_MAX:
+                raise MatrixError(f"{at(name)}: {name} must be >= {low} and <= 2**63-1, got {v}")
     for name, low in (("cpu_threads", 0), ("warmup", 0), ("seed", 0)):
         v = fields.get(name, getattr(Matrix, name))
         if not low <= v <= INT_MAX:
@@ -301,6 +307,14 @@ def parse(
             METHODS[method](**kwargs)
         except (TypeError, ValueError) as err:
             raise MatrixError(f"{source}: [method_kwargs.{method}] {err}") from None
+    for spec in methods:
+        try:
+            name, given = parse_method_spec(spec)
+            build_method(name, **{**method_kwargs.get(name, {}), **given})
+        except ValueError as err:
+            raise MatrixError(f"{at('methods')}: {err}") from None
+    if workloads is not None and any(new < MIN_NEW_TOKENS for _, _, new in workloads):
+        raise MatrixError(f"{source}: every workload needs new >= {MIN_NEW_TOKENS} (one timed decode step at least)")
     return Matrix(**fields, workloads=workloads, method_kwargs={k: dict(v) for k, v in method_kwargs.items()})
 
 
@@ -370,10 +384,22 @@ def parse_list(text: str, kind: type, option: str) -> tuple:
     return tuple(out)
 
 
+def parse_specs(text: str, option: str) -> tuple[str, ...]:
+    """Comma-separated method specs (`--methods uniform,prefixkv[recent=8,layer_floor=0.25]`: a comma inside
+    brackets belongs to its spec); MatrixError names an empty item. The specs themselves are checked by `parse`."""
+    from prefixkv import split_method_specs
+
+    specs = split_method_specs(text)
+    if not all(specs):
+        raise MatrixError(f"{option}: empty item in {text!r}")
+    return tuple(specs)
+
+
 def select(cells: Iterable[Cell], keys: Sequence[str] | None) -> list[Cell]:
     """The cells whose key starts with one of `keys` (all cells when `keys` is empty)."""
     cells = list(cells)
     return cells if not keys else [c for c in cells if any(c.key.startswith(k) for k in keys)]
 
 
-__all__ = ["DTYPES", "INT_MAX", "Cell", "Matrix", "MatrixError", "flag", "load", "parse", "parse_list", "select"]
+__all__ = ["DTYPES", "INT_MAX", "MIN_NEW_TOKENS", "Cell", "Matrix", "MatrixError", "flag", "load", "parse",
+           "parse_list", "parse_specs", "select"]

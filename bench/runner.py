@@ -9,27 +9,24 @@ timeout is recorded as that cell's outcome with the error, and the sweep goes on
 (and is valid) for this machine are skipped (`force` re-runs them), so an interrupted sweep - even by kill -9 -
 resumes where it stopped and loses nothing that had finished.
 
-Each cell runs in its own process group, killed whatever ends the runner: Ctrl-C, SIGTERM, an error, and - through
-the child's parent-death signal - kill -9 of the runner itself. Its scratch files live in the store's scratch folder
-of the run, removed at exit or, after a kill -9, by the next sweep. The sweep holds the store's lock.
+Each cell runs in its own process group (`bench.isolation`), killed whatever ends the runner: Ctrl-C, SIGTERM, an
+error, and - through the child's parent-death signal - kill -9 of the runner itself. Its scratch files live in the
+store's scratch folder of the run, removed at exit or, after a kill -9, by the next sweep. The sweep holds the store's
+lock, and owns the executor's start and close.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -43,15 +40,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-import bench
 from bench import store
+from bench.executor import Executor, Finished, LocalExecutor
 from bench.matrix import Cell
-
-if TYPE_CHECKING:
-    from bench.executor import Executor, Finished
-
-#: Where `import bench` came from: the child must import the same code (also when reached through symlinks).
-_PACKAGE_ROOT = str(Path(bench.__file__).parent.parent)
 
 
 @dataclass
@@ -75,76 +66,12 @@ def cell_columns(cell: Cell) -> dict:
     }
 
 
-#: Started in the child before `bench.cell`: die with the runner (even when it is killed with SIGKILL, which leaves it
-#: no chance to clean up), then run the cell. A parent that died before the prctl call is caught by the ppid check.
-_CHILD = (
-    "import ctypes, os, runpy, signal, sys\n"
-    "if sys.platform.startswith('linux'):\n"
-    "    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
-    "if os.getppid() != int(sys.argv.pop(1)):\n"
-    "    os._exit(1)\n"
-    "runpy.run_module('bench.cell', run_name='__main__', alter_sys=True)\n"
-)
-
-
 class Interrupted(KeyboardInterrupt):
     """The runner received SIGTERM or SIGHUP: treated like Ctrl-C (the cell in hand is killed, the sweep stops)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the cell and everything it started (its own process group), then reap it."""
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def run_cell(
-    cell: Cell, python: str = sys.executable, scratch: str | Path | None = None
-) -> tuple[str, list[dict], str | None]:
-    """Run one cell in a fresh interpreter, in its own process group: (status, rows, error). The process group is
-    killed whatever ends the wait (timeout, Ctrl-C, SIGTERM, an error in the runner)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-    if cell.device == "cpu" and cell.cpu_threads:
-        # Sized before torch starts its thread pools: on a shared machine extra spinning threads cost 10x.
-        env["OMP_NUM_THREADS"] = str(cell.cpu_threads)
-    with tempfile.TemporaryDirectory(prefix="cell-", dir=scratch) as tmp:
-        cell_file, result_file = Path(tmp) / "cell.json", Path(tmp) / "result.json"
-        cell_file.write_text(cell.to_json())
-        proc = subprocess.Popen(
-            [python, "-c", _CHILD, str(os.getpid()), str(cell_file), str(result_file)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )
-        try:
-            _, stderr = proc.communicate(timeout=cell.timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return "timeout", [], f"no result after {cell.timeout_s:g} s (timeout_s); the process was killed"
-        finally:
-            if proc.returncode is None:
-                _kill_group(proc)
-        if proc.returncode != 0 or not result_file.exists():
-            return "crash", [], _crash_message(proc.returncode, stderr)
-        result = json.loads(result_file.read_text())
-    if result["status"] != "ok":
-        return result["status"], [], result["error"]
-    return "ok", result["rows"], None
-
-
-def _crash_message(returncode: int, stderr: str) -> str:
-    if returncode < 0:
-        try:
-            cause = f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            cause = f"killed by signal {-returncode}"
-    else:
-        cause = f"exit code {returncode}"
-    tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
-    return f"process died ({cause}): {tail[0][:300]}"
 
 
 def new_run_id() -> str:
@@ -205,35 +132,30 @@ def sweep(
     """Run `cells` (skipping those already in `results` from a machine the executor runs on, unless `force`); one part
     per cell, written here, by the driver, whichever executor ran the cell (`LocalExecutor(python)` by default).
 
-    Holds the store's lock throughout (a second runner fails with `store.StoreLocked`). A part that cannot be written
-    (disk full) stops the sweep with `store.StoreError`; Ctrl-C raises KeyboardInterrupt and SIGTERM/SIGHUP
-    `Interrupted`, after the cells in hand are killed. Finished parts are kept in every case."""
-    from bench.executor import LocalExecutor
-
+    The sweep owns the executor's lifecycle: it starts it (`ExecutorError` when it cannot, or when it cannot run the
+    cells: `Executor.check`) and closes it on the way out, whatever ends the sweep, before the store's lock is
+    released. Holds the store's lock throughout (a second runner fails with `store.StoreLocked`). A part that cannot
+    be written (disk full) stops the sweep with `store.StoreError`; Ctrl-C raises KeyboardInterrupt and
+    SIGTERM/SIGHUP `Interrupted`, after the cells in hand are killed. Finished parts are kept in every case."""
     console = console or Console(stderr=True)
     executor = executor or LocalExecutor(python)
     run_id = new_run_id()
     results = store.check_writable_dir(results, "results directory")
     outcomes: list[Outcome] = []
-    # Started before the lock is taken (the local executor's fingerprint runs git; Ray connects), as before executors.
-    executor.start()
-    try:
-        with _signals_interrupt(), store.Lock(results, run_id):
-            # Under the lock no other sweep writes here: a temporary file or scratch folder is a killed run's leftover.
-            store.remove_stale(results)
-            try:
-                with executor:
-                    return _sweep_locked(cells, results, force, matrix_name, console, executor, run_id, outcomes)
-            except store.StoreError as err:
-                ran = sum(o.status != "skipped" for o in outcomes)
-                raise store.StoreError(
-                    f"{err}; the sweep stopped after {ran} of {len(cells)} cells (those are kept: free space and "
-                    "re-run to resume)"
-                ) from None
-            finally:
-                store.remove_stale(results, owner=run_id)
-    finally:
-        executor.close()
+    with _signals_interrupt(), store.Lock(results, run_id), executor:
+        executor.check(cells, on_warning=_warner(console))
+        # Under the lock no other sweep writes here: a temporary file or scratch folder is a killed run's leftover.
+        store.remove_stale(results)
+        try:
+            return _sweep_locked(cells, results, force, matrix_name, console, executor, run_id, outcomes)
+        except store.StoreError as err:
+            ran = sum(o.status != "skipped" for o in outcomes)
+            raise store.StoreError(
+                f"{err}; the sweep stopped after {ran} of {len(cells)} cells (those are kept: free space and "
+                "re-run to resume)"
+            ) from None
+        finally:
+            store.remove_stale(results, owner=run_id)
 
 
 def _sweep_locked(cells, results, force, matrix_name, console, executor, run_id, outcomes) -> list[Outcome]:

@@ -5,58 +5,99 @@
     DIR/.lock, DIR/.lock.holder                   the writer's lock (filelock) and who holds it (pid, host, run id)
 
 A part appears complete or not at all (written to a temporary name owned by its run, then `os.replace`d), so a sweep
-killed at any moment loses at most the cell in hand, and a re-run skips every cell that has a valid part. A part that
-is nevertheless unreadable (a truncated copy, a full disk on another tool's copy) is quarantined when read: one
-warning line names it, its cell counts as not finished (the next `run` re-runs it) and readers go on with the valid
-parts. Stores from several machines (or GPU kinds) merge into one with `merge` (`python -m bench merge SRC...
---into DST`): every valid part is copied atomically under DST's lock, keyed by its cell and machine; where DST
-already holds a different part of the same cell and machine, the newer run wins and one line says so. Readers also
-accept several directories at once.
+killed at any moment loses at most the cell in hand, and a re-run skips every cell that has a valid part. Each part
+records the SHA-256 of its content (column names and values) in its schema metadata when it is written, and every
+read checks it: a flipped byte, a truncated copy or an edit that keeps the metadata is caught. A part that fails
+validation on read (checksum, parquet structure, invalid UTF-8, a key that is not a safe file name, a configuration
+no matrix accepts) is quarantined: one warning line names it, its cell counts as not finished (the next `run`
+re-runs it) and readers go on with the valid parts. Parts written before checksums existed are read unverified.
+
+A store is a directory holding a `parts` folder. Readers take several directories at once; a directory that is not
+a store is searched for the stores below it, and a store's own sub-folders are not searched (a store nested in
+another is named in a warning and not read), so every part is read once. Stores from several machines merge into one
+with `bench.merge`.
 """
 
 from __future__ import annotations
 
 import errno
-import filecmp
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import filelock
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 #: Columns a part must have to be read as one.
 REQUIRED_COLUMNS = ("key", "status")
+#: Configuration columns and the ranges a matrix allows them (`bench.matrix`): (low, low is allowed, high).
+CONFIG_RANGES = {
+    "budget": (0.0, False, 1.0),
+    "batch_size": (1, True, None),
+    "text_tokens": (1, True, None),
+    "new_tokens": (2, True, None),
+}
+#: Schema metadata key of a part's content checksum (`content_digest`).
+DIGEST_KEY = b"prefixkv_bench.content_sha256"
 _TMP_SUFFIX = ".tmp"
+#: What a cell key or a machine id may be, so that a part's file name stays inside DIR/parts: no path separator, no
+#: control character, not hidden (hidden names are temporary files), at most 100 characters.
+_SAFE_NAME = re.compile(r"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]{0,99}")
+#: Members of a store directory and the kind each must be where it exists.
+_LAYOUT = {".lock": "file", ".lock.holder": "file", "parts": "directory", "quarantine": "directory"}
 
 
 class StoreError(OSError):
     """The store cannot be used or written (locked, read-only, disk full); the message is one line."""
 
 
-class StoreLocked(StoreError):
+class StoreUnusable(StoreError):
+    """A store that cannot be used as given (bad input rather than a failure): locked, nested in another, a member of
+    the wrong type."""
+
+
+class StoreLocked(StoreUnusable):
     """Another runner holds the results directory."""
 
 
+def safe_name(value: object, what: str) -> str:
+    """`value` when it can be part of a part's file name (see `_SAFE_NAME`); ValueError (one line) naming it."""
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not a safe file name (no '/', '\\', control character or leading '.', "
+                         "at most 100 characters)")
+    return value
+
+
 def part_path(results: str | Path, key: str, machine_id: str) -> Path:
-    return Path(results) / "parts" / f"{key}-{machine_id}.parquet"
+    """Where the part of cell `key` from machine `machine_id` lives; ValueError when either is not a safe name, so
+    that no part is ever written outside DIR/parts."""
+    return Path(results) / "parts" / f"{safe_name(key, 'cell key')}-{safe_name(machine_id, 'machine id')}.parquet"
 
 
 def _tmp_name(path: Path, owner: str) -> Path:
     return path.with_name(f".{path.name}.{owner}{_TMP_SUFFIX}")
 
 
+def content_digest(table: pa.Table) -> str:
+    """SHA-256 of a table's column names and values - not of their encoding, which another pyarrow may change."""
+    content = {name: table.column(name).to_pylist() for name in table.column_names}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def write_part(path: Path, rows: Sequence[dict], *, owner: str | None = None) -> None:
-    """Write `rows` as one parquet file at `path`, atomically (readers see the old state or the whole new file).
+    """Write `rows` as one parquet file at `path` with its content checksum, atomically (readers see the old state or
+    the whole new file).
 
     The temporary file carries `owner` (the run id; the pid by default) in its name, so a sweep can tell its own
     leftovers from another writer's. A failed write (disk full, read-only) removes the temporary file and raises
@@ -65,12 +106,14 @@ def write_part(path: Path, rows: Sequence[dict], *, owner: str | None = None) ->
         table = pa.Table.from_pylist([dict(r) for r in rows])
     except (pa.ArrowException, OverflowError) as err:
         raise StoreError(f"cannot store the rows of {path.name}: {err}") from None
+    table = table.replace_schema_metadata({DIGEST_KEY: content_digest(table).encode()})
     _write_atomically(path, owner, lambda f: pq.write_table(table, f))
 
 
 def _write_atomically(path: Path, owner: str | None, write: Callable[[BinaryIO], object]) -> None:
     """`write` into a temporary file owned by `owner` (the pid by default), fsync it, then `os.replace` it onto `path`;
-    on failure the temporary file is removed and StoreError names `path` in one line."""
+    on failure the temporary file is removed and StoreError names `path` in one line. `os.replace` swaps a symbolic
+    link at `path` for the file; it never writes through it."""
     tmp = _tmp_name(path, owner or str(os.getpid()))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,17 +144,54 @@ def copy_part(src: Path, dest: Path, *, owner: str | None = None) -> None:
 
 
 def read_part(path: Path) -> pd.DataFrame:
-    """One part as a DataFrame; ValueError (one line) when it is not a complete, well-formed part."""
+    """One part as a DataFrame; ValueError (one line) when it is not a complete, well-formed part: unreadable
+    parquet, content that does not match its checksum, invalid UTF-8, missing columns or rows, a cell key that is not
+    a safe name, or a configuration outside what a matrix accepts."""
     try:
         table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
-        raise ValueError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}") from None
+        table.validate(full=True)  # e.g. invalid UTF-8 in a string column, which pandas would choke on later
+        recorded = (table.schema.metadata or {}).get(DIGEST_KEY)
+        intact = recorded is None or recorded.decode(errors="replace") == content_digest(table)
+    except Exception as err:  # noqa: BLE001 - damaged bytes can fail anywhere in the reader; each is one line here
+        raise ValueError(_one_line(err)) from None
+    if not intact:
+        raise ValueError("its content does not match its checksum (corrupted)")
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"no column(s) {', '.join(missing)}")
     if table.num_rows == 0:
         raise ValueError("no rows")
-    return table.to_pandas()
+    _check_columns(table)
+    try:
+        return table.to_pandas()
+    except Exception as err:  # noqa: BLE001 - as above
+        raise ValueError(_one_line(err)) from None
+
+
+def _one_line(err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+    return f"{type(err).__name__}: {first[:300]}"
+
+
+def _check_columns(table: pa.Table) -> None:
+    """The row checks of `read_part`, on the arrow table (where a null and a NaN differ)."""
+    for name in REQUIRED_COLUMNS:
+        column = table.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) or column.null_count:
+            raise ValueError(f"column {name} must hold a string in every row")
+    for key in pc.unique(table.column("key")).to_pylist():
+        safe_name(key, "cell key")
+    for name, (low, low_allowed, high) in CONFIG_RANGES.items():
+        if name not in table.column_names:
+            continue
+        column = table.column(name)
+        values = column.to_pylist()
+        numeric = pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+        bad = [v for v in values if not numeric or v is None or v != v or not (v >= low if low_allowed else v > low)
+               or (high is not None and v > high)]
+        if bad:
+            bound = f"{'>=' if low_allowed else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise ValueError(f"column {name} holds {bad[0]!r}; a matrix allows only numbers {bound}")
 
 
 def _store_root(path: Path) -> Path:
@@ -162,22 +242,51 @@ def finished(
     return out
 
 
-def parts(dirs: Iterable[str | Path]) -> list[Path]:
+def stores(dirs: Iterable[str | Path], on_warning: Callable[[str], None] = warn) -> list[Path]:
+    """The stores under `dirs`, each once (however often it is reached): a directory holding a `parts` folder is a
+    store, and its own sub-folders are not searched; any other directory is searched for the stores below it. A store
+    nested inside another is named in one warning line and not read: pass it on its own."""
+    found: dict[Path, Path] = {}
+    for d in map(Path, dirs):
+        if d.name == "parts" and not (d / "parts").is_dir():
+            d = d.parent  # a store's parts folder given for the store
+        for root in sorted(p.parent for p in d.rglob("parts") if p.is_dir()):
+            found.setdefault(root.resolve(), root)
+    roots = sorted(found)
     out = []
-    for d in dirs:
-        out.extend(sorted(p for p in Path(d).rglob("*.parquet") if not p.name.startswith(".")))
+    for resolved in roots:
+        outer = next((other for other in roots if other != resolved and resolved.is_relative_to(other)), None)
+        if outer is not None:
+            on_warning(f"store {found[resolved]} is nested inside the store {found[outer]}: not read with it (pass it "
+                       "on its own; stores must not nest)")
+            continue
+        out.append(found[resolved])
     return out
 
 
-def load(*dirs: str | Path, on_warning: Callable[[str], None] = warn) -> pd.DataFrame:
-    """Every valid row under `dirs` (searched recursively, so stores nest and merge), as one DataFrame. Parts that
-    fail validation are quarantined (see `quarantine`) and left out."""
+def parts(dirs: Iterable[str | Path], on_warning: Callable[[str], None] = warn) -> list[Path]:
+    """Every part file of the stores under `dirs` (see `stores`), each once."""
+    out = []
+    for root in stores(dirs, on_warning):
+        out.extend(sorted(p for p in (root / "parts").glob("*.parquet") if not p.name.startswith(".")))
+    return out
+
+
+def load(
+    *dirs: str | Path,
+    on_warning: Callable[[str], None] = warn,
+    on_invalid: Callable[[Path, str], None] | None = None,
+) -> pd.DataFrame:
+    """Every valid row of the stores under `dirs` (see `stores`), as one DataFrame. Parts that fail validation are
+    quarantined (see `quarantine`), left out, and passed with the reason to `on_invalid`."""
     frames = []
-    for f in parts(dirs):
+    for f in parts(dirs, on_warning):
         try:
             frames.append(read_part(f))
         except ValueError as err:
             quarantine(f, str(err), on_warning)
+            if on_invalid is not None:
+                on_invalid(f, str(err))
     if not frames:
         return pd.DataFrame()
     return pd.concat(frames, ignore_index=True, sort=False)
@@ -189,8 +298,11 @@ def remove_stale(results: str | Path, *, owner: str | None = None) -> int:
     With `owner`, only that run's own leftovers go. Without, every run's: call it that way only while holding the
     store's lock (`Lock`), which proves that no other sweep is writing."""
     root = Path(results)
-    pattern = f"*.{owner}{_TMP_SUFFIX}" if owner else f"*{_TMP_SUFFIX}"
-    stale = [p for p in (root / "parts").glob(f".{pattern}")] if (root / "parts").is_dir() else []
+    # Parts' temporary files and the lock holder's; not other tools' temporary files beside the store (a report's).
+    patterns = [(root / "parts", _tmp_name(root / "parts" / "*", owner or "*").name),
+                (root, _tmp_name(root / ".lock.holder", owner or "*").name)]
+    stale = [p for folder, pattern in patterns if folder.is_dir() for p in folder.glob(pattern)
+             if p.is_file() or p.is_symlink()]
     scratch = [p for p in root.glob(f".scratch-{owner or '*'}") if p.is_dir()] if root.is_dir() else []
     for p in stale:
         p.unlink(missing_ok=True)
@@ -207,117 +319,10 @@ def scratch_dir(results: str | Path, owner: str) -> Path:
     return path
 
 
-# --- merging stores -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Merged:
-    """What `merge` did: counts of parts, and one line per conflict or invalid part."""
-
-    copied: int = 0  # new to DST
-    replaced: int = 0  # DST held an older run of the same cell and machine
-    identical: int = 0  # DST already held the same file
-    kept: int = 0  # DST held a newer (or same-age, different) run: left as it was
-    invalid: int = 0  # failed validation: not merged
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def conflicts(self) -> int:
-        return self.replaced + self.kept
-
-
-def part_identity(path: Path, frame: pd.DataFrame) -> tuple[str, str]:
-    """(cell key, machine id) of a part, from its rows (`key`, `env_machine_id`); the machine from the file name
-    (`<key>-<machine>.parquet`) for rows without it. ValueError (one line) for a part of several cells or machines."""
-    keys = frame["key"].dropna().astype(str).unique()
-    if len(keys) != 1:
-        raise ValueError(f"holds rows of {len(keys)} cells, not one")
-    key = keys[0]
-    if "env_machine_id" in frame and frame["env_machine_id"].notna().any():
-        machines = frame["env_machine_id"].dropna().astype(str).unique()
-        if len(machines) != 1:
-            raise ValueError(f"holds rows of {len(machines)} machines, not one")
-        return key, machines[0]
-    stem = path.name[: -len(".parquet")]
-    if not stem.startswith(key + "-") or len(stem) == len(key) + 1:
-        raise ValueError("no env_machine_id column, and its file name does not name the machine")
-    return key, stem[len(key) + 1:]
-
-
-_NO_DATE = pd.Timestamp.min.tz_localize("UTC")
-
-
-def _age(frame: pd.DataFrame) -> tuple[pd.Timestamp, str]:
-    """When a part's run happened: its latest `env_date` (UTC), then its run id, for ordering two runs of a cell."""
-    date = _NO_DATE
-    if "env_date" in frame:
-        dates = pd.to_datetime(frame["env_date"], utc=True, errors="coerce")
-        date = dates.max() if dates.notna().any() else _NO_DATE
-    run = str(frame["run_id"].dropna().astype(str).max()) if "run_id" in frame and frame["run_id"].notna().any() \
-        else ""
-    return date, run
-
-
-def _describe(age: tuple[pd.Timestamp, str]) -> str:
-    date, run = age
-    when = "undated" if date == _NO_DATE else date.strftime("%Y-%m-%d %H:%M:%S UTC")
-    return f"run {run or '?'} ({when})"
-
-
-def merge(
-    sources: Iterable[str | Path], into: str | Path, *, run_id: str | None = None,
-    on_warning: Callable[[str], None] = warn,
-) -> Merged:
-    """Copy every valid part under `sources` (searched recursively) into the store `into`, keyed by cell and machine
-    (`part_path`), each copy atomic, under `into`'s lock (`StoreLocked` when a runner holds it). A part DST already
-    holds byte for byte is left; a different part of the same cell and machine is a conflict: the newer run (by
-    `env_date`, then run id) is kept, and one line says which. Invalid parts are skipped with one line each; sources
-    are only read, never quarantined."""
-    into = check_writable_dir(into, "--into")
-    owner = run_id or f"merge-{os.getpid()}"
-    out = Merged()
-    root = into.resolve()
-    with Lock(into, owner):
-        remove_stale(into)
-        for src in parts(sources):
-            if src.resolve().is_relative_to(root):
-                continue  # DST nested in (or equal to) a source: its own parts are not sources
-            try:
-                frame = read_part(src)
-                key, machine = part_identity(src, frame)
-            except ValueError as err:
-                out.invalid += 1
-                out.lines.append(f"invalid part {src} not merged ({err})")
-                continue
-            dest = part_path(into, key, machine)
-            if dest.exists():
-                if filecmp.cmp(src, dest, shallow=False):
-                    out.identical += 1
-                    continue
-                try:
-                    held = read_part(dest)
-                except ValueError as err:
-                    quarantine(dest, str(err), on_warning)
-                else:
-                    new, old = _age(frame), _age(held)
-                    if new <= old:
-                        out.kept += 1
-                        out.lines.append(f"conflict: {dest.name}: kept {_describe(old)} in {into}; "
-                                         f"{_describe(new)} from {src} is not newer")
-                        continue
-                    out.replaced += 1
-                    out.lines.append(f"conflict: {dest.name}: replaced {_describe(old)} with the newer "
-                                     f"{_describe(new)} from {src}")
-                    copy_part(src, dest, owner=owner)
-                    continue
-            copy_part(src, dest, owner=owner)
-            out.copied += 1
-    return out
-
-
 class Lock:
     """The writer's lock on a results directory (`filelock`, released by the OS when the holder dies, even by
-    kill -9). Beside it, `.lock.holder` says who holds it, so that a second runner fails naming the holder."""
+    kill -9). Beside it, `.lock.holder` says who holds it, so that a second runner fails naming the holder. Entering
+    checks the store's layout (`check_layout`) first."""
 
     def __init__(self, results: str | Path, run_id: str) -> None:
         self.root = Path(results)
@@ -333,6 +338,7 @@ class Lock:
             return "an unknown process (no readable .lock.holder)"
 
     def __enter__(self) -> Lock:
+        check_layout(self.root)
         try:
             self._lock.acquire()
         except filelock.Timeout:
@@ -340,9 +346,15 @@ class Lock:
                 f"results directory {str(self.root)!r} is in use by another runner ({self.holder()}); wait for it "
                 f"or use another --results"
             ) from None
+        except OSError as err:
+            raise StoreUnusable(f"cannot lock {self.root / '.lock'}: {err.strerror or err}") from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self._holder.write_text(json.dumps(info))
+        try:
+            _write_atomically(self._holder, self.run_id, lambda f: f.write(json.dumps(info).encode()))
+        except StoreError:
+            self._lock.release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -350,18 +362,29 @@ class Lock:
         self._lock.release()
 
 
+def check_layout(root: str | Path) -> None:
+    """StoreUnusable (one line) when a member of the store `root` has the wrong type (`parts` a file, `.lock` a
+    directory) or is a symbolic link (writing through it would change a file outside the store)."""
+    for name, kind in _LAYOUT.items():
+        path = Path(root) / name
+        if path.is_symlink():
+            raise StoreUnusable(f"{path} is a symbolic link; a store's {name} must be a plain {kind} (remove it)")
+        if path.exists() and path.is_dir() != (kind == "directory"):
+            raise StoreUnusable(f"{path} is a {'directory' if path.is_dir() else 'file'}, not a {kind} (remove it)")
+
+
 def check_writable_dir(path: str | Path, what: str) -> Path:
-    """Create `path` if needed and prove it writable by writing a probe file; StoreError (one line) otherwise."""
+    """Create `path` if needed and prove it writable by writing a probe file; StoreUnusable (one line) otherwise."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise StoreError(f"{what} {str(path)!r} is a file, not a directory")
+        raise StoreUnusable(f"{what} {str(path)!r} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise StoreError(f"{what} {str(path)!r} is not writable: {err.strerror or err}") from None
+        raise StoreUnusable(f"{what} {str(path)!r} is not writable: {err.strerror or err}") from None
     return path
 
 
@@ -369,8 +392,8 @@ def check_writable_file(path: str | Path, what: str) -> Path:
     """Check that a file can be written at `path` (its folder writable, the path not a directory)."""
     path = Path(path)
     if path.is_dir():
-        raise StoreError(f"{what} {str(path)!r} is a directory; give a file name")
+        raise StoreUnusable(f"{what} {str(path)!r} is a directory; give a file name")
     check_writable_dir(path.parent, f"the folder of {what}")
     if path.exists() and not os.access(path, os.W_OK):
-        raise StoreError(f"{what} {str(path)!r} is not writable")
+        raise StoreUnusable(f"{what} {str(path)!r} is not writable")
     return path

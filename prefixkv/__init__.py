@@ -4,6 +4,9 @@
     out = prefixkv.generate(model, inputs, method="prefixkv", budget=0.2, max_new_tokens=64)
     out.sequences, out.cache_stats.kept
 
+    # one prefill, every method x budget: {(label, budget): (batch, T) log-probabilities}
+    prefixkv.sweep_logprobs(model, inputs, continuation, methods=["snapkv", "prefixkv"], budgets=[0.1, 0.2])
+
 `prefixkv.METHODS` maps each method name to its dataclass.
 """
 
@@ -12,10 +15,11 @@ from prefixkv.budget import check_budget
 from prefixkv.cache import CacheStats, CompressedLayer, PrefixKVCache
 from prefixkv.calibrate import calibrate
 from prefixkv.generation import GenerationOutput, attach, continuation_logprobs, generate, prefill_scores
-from prefixkv.methods import METHODS, Method, build_method
+from prefixkv.methods import METHODS, Method, build_method, method_spec, parse_method_spec, split_method_specs
 from prefixkv.packed import PackedLayer
 from prefixkv.profile import Profile
 from prefixkv.scoring import key_importance
+from prefixkv.sweep import PrefilledPrompt, prefill, sweep_generate, sweep_logprobs
 from prefixkv.timer import NullTimer, Timer
 
 __all__ = [
@@ -26,6 +30,7 @@ __all__ = [
     "Method",
     "NullTimer",
     "PackedLayer",
+    "PrefilledPrompt",
     "PrefixKVCache",
     "Profile",
     "Timer",
@@ -36,8 +41,14 @@ __all__ = [
     "continuation_logprobs",
     "generate",
     "key_importance",
+    "method_spec",
+    "parse_method_spec",
+    "prefill",
     "prefill_scores",
     "prefix_allocation",
     "pyramid_allocation",
+    "split_method_specs",
+    "sweep_generate",
+    "sweep_logprobs",
     "uniform_allocation",
 ]

@@ -9,6 +9,9 @@ made here from what the cache knows. Shapes: queries (batch, q_heads, s, head_di
 Scoring happens inside the attention call, from the post-RoPE queries the model already computed: no projection or
 RoPE is recomputed, and no forward hook is needed. Under the `score` decode policy the decode attention is computed
 explicitly so that its probabilities can be accumulated per slot without a second pass.
+
+A chunk of several tokens after compression (`chunk_attention`) is attended and written here, in one call per layer:
+its rows see what the same tokens fed one per step would have seen.
 """
 
 from __future__ import annotations
@@ -47,11 +50,13 @@ def attention(
     scaling = 1.0 / math.sqrt(head_dim) if scaling is None else scaling
     layer = cache.layers[module.layer_idx]
     if isinstance(layer, PackedLayer):  # per-head budgets: the packed layout's own decode attention
-        out = layer.attend(query, scaling, cache.step)
+        out = packed_attention(query, key, value, cache, scaling, layer)
+    elif layer.compressed and query.shape[2] > 1:
+        out = chunk_attention(query, key, value, cache.chunk_steps, scaling, layer)
     elif layer.compressed:
         out = decode_attention(query, key, value, layer.valid(cache.step), scaling, layer)
     else:
-        out, lse = prefill_attention(query, key, value, scaling, with_lse=cache.method.needs_scores)
+        out, lse = prefill_attention(query, key, value, scaling, with_lse=cache.needs_scores)
         # Scaled so that the scorers' default 1/sqrt(head_dim) reproduces the module's own scaling.
         cache.layer_prefilled(module.layer_idx, query * (scaling * math.sqrt(head_dim)), key, lse)
     return out.transpose(1, 2).contiguous(), None
@@ -111,3 +116,43 @@ def decode_attention(
     probs = logits.masked_fill(~valid, float("-inf")).softmax(-1)
     layer.accumulate_attention(probs.sum(2))
     return torch.matmul(probs.to(value.dtype), value).view(batch, q_heads, 1, head_dim)
+
+
+def packed_attention(query, key, value, cache, scaling: float, layer: PackedLayer) -> torch.Tensor:
+    """Attention of a packed layer (per-head budgets) after compression: a decode step (its token already written by
+    the cache) or a chunk of T tokens at steps `cache.chunk_steps`, whose rows run one at a time inside the layer,
+    each exactly as a decode step (write, then attend), as the `score` policy's chunks do below."""
+    if query.shape[2] == 1:
+        return layer.attend(query, scaling, cache.step)
+    rows = []
+    for t in range(query.shape[2]):
+        step = cache.chunk_steps[t : t + 1]
+        layer.write(key[:, :, t : t + 1], value[:, :, t : t + 1], step)
+        rows.append(layer.attend(query[:, :, t : t + 1].contiguous(), scaling, step))
+    return torch.cat(rows, dim=2)
+
+
+def chunk_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, steps: torch.Tensor, scaling: float, layer
+) -> torch.Tensor:
+    """A chunk of T tokens after compression (teacher forcing), fed at decode steps `steps` ((T,) int64): each row
+    attends to what it would have seen as a one-token step, and the layer ends as after those T steps. `key`/`value`
+    are the chunk's own (batch, kv_heads, T, head_dim). Returns (batch, q_heads, T, head_dim).
+
+    Planned policies: one attention over [the buffer before the chunk ; the chunk] with the plan's per-row mask, then
+    the chunk's writes. Under `score` step t's victim depends on the attention rows < t gave, so the rows run one at a
+    time, each exactly as a decode step (write, then attend and accumulate); the model's other layers still see the
+    whole chunk at once."""
+    if layer.policy.needs_attention:
+        rows = []
+        for t in range(query.shape[2]):
+            step = steps[t : t + 1]
+            layer.write(key[:, :, t : t + 1], value[:, :, t : t + 1], step)
+            row = query[:, :, t : t + 1].contiguous()
+            rows.append(decode_attention(row, layer.keys, layer.values, layer.valid(step), scaling, layer))
+        return torch.cat(rows, dim=2)
+    visible = layer.chunk_visibility(steps)  # (T, capacity + T)
+    keys, values = torch.cat([layer.keys, key], dim=2), torch.cat([layer.values, value], dim=2)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scaling, enable_gqa=True)
+    layer.write_chunk(key, value, steps)
+    return out

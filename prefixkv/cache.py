@@ -20,8 +20,14 @@ Two traps, and how this cache avoids them:
   `get_seq_length()` reports the number of tokens *seen* (prompt + generated), never the kept length. The decode loop
   passes explicit `position_ids`.
 - Layers have different lengths, so no single mask fits them all: the registered attention function masks each layer
-  by its own valid length, and transformers is asked for no mask at all. Hence a compressed cache decodes one token
-  per step; a multi-token chunk raises.
+  by its own valid length, and transformers is asked for no mask at all.
+
+A chunk of T tokens (a question after the compressed context, a continuation scored by teacher forcing) runs in one
+forward and leaves the cache exactly as T one-token steps would: the cache advances its step by T and hands the chunk's
+keys and values to the attention call, which attends over [the buffer as it was before the chunk ; the chunk] with a
+per-row mask derived from the plan (`CompressedLayer.chunk_visibility`) and then applies the chunk's writes
+(`write_chunk`). Under `score`, step t's victim depends on the attention of the rows before it, so the attention call
+runs the chunk's rows one at a time, each as a decode step (write, then attend) - still one forward of the model.
 
 Host-side bookkeeping (`steps`, the count of decode steps taken) is updated by `update` when running eagerly, and by
 the compiled decode loop after each compiled call (`advance`), so that nothing in a compiled step is a Python int that
@@ -197,6 +203,40 @@ class CompressedLayer(CacheLayerMixin):
             self.slot_positions.index_copy_(2, slot, seen.expand(batch, heads, 1))
         return self.keys, self.values
 
+    def chunk_visibility(self, steps: torch.Tensor) -> torch.Tensor:
+        """(T, capacity + T) bool: what row t of a chunk fed at decode steps `steps` ((T,) int64, consecutive) sees
+        of [the buffer as it was before the chunk ; the chunk's T tokens] - exactly what decode step `steps[t]` would
+        see. Planned policies only (every write slot is in the plan).
+
+        A slot is seen if it is valid after step t and still holds its pre-chunk entry (no chunk token <= t wrote
+        it); chunk token j is seen by rows j..t if no chunk token after j and <= t was written into its slot (under
+        `fixed_position` an entry evicted at step s is seen by rows < s only)."""
+        slots = self._slots.index_select(0, steps)  # (T,)
+        lengths = self._lengths.index_select(0, steps)  # (T,)
+        order = torch.arange(steps.shape[0], device=steps.device)
+        written = slots[:, None] == self._slot_index  # (T, capacity): row t writes slot s
+        overwritten = written.cumsum(0) > 0  # slot s written by a chunk row <= t
+        buffer = (self._slot_index < lengths[:, None]) & ~overwritten
+        same = slots[:, None] == slots  # (T, T), symmetric: tokens j and k go to the same slot
+        # The row at which chunk token j's slot is written again (T: never within the chunk).
+        replaced = torch.where(same & (order[:, None] > order), order[:, None], steps.shape[0]).amin(0)
+        chunk = (order <= order[:, None]) & (order[:, None] < replaced)
+        return torch.cat([buffer, chunk], dim=1)
+
+    def write_chunk(self, key_states: torch.Tensor, value_states: torch.Tensor, steps: torch.Tensor) -> None:
+        """Apply a chunk's writes ((batch, kv_heads, T, head_dim), decode steps `steps`) as its T steps would have:
+        every slot the chunk wrote ends up holding the last chunk token written to it. Planned policies only."""
+        batch, heads, tokens, _ = key_states.shape
+        slots = self._slots.index_select(0, steps)
+        order = torch.arange(tokens, device=steps.device)
+        # Each token copies the last token of its slot: a slot written twice receives the same data twice, so the
+        # result does not depend on the order in which index_copy_ applies duplicate indices.
+        last = torch.where(slots[:, None] == slots, order, -1).amax(1)
+        self.keys.index_copy_(2, slots, key_states.index_select(2, last))
+        self.values.index_copy_(2, slots, value_states.index_select(2, last))
+        positions = (steps + self.prompt_length).index_select(0, last)
+        self.slot_positions.index_copy_(2, slots, positions.expand(batch, heads, tokens))
+
     def valid(self, step: torch.Tensor) -> torch.Tensor:
         """(capacity,) bool: the slots attention may read after step `step` ((1,) int64)."""
         return self._slot_index < self._lengths.index_select(0, step)
@@ -317,6 +357,7 @@ class PrefixKVCache(Cache):
         self.scores: dict[int, torch.Tensor] = {}
         self.sizes: list[int] | None = None  # per-layer kept counts, once known
         self.step: torch.Tensor | None = None  # (1,) int64 on the device: the decode step being run (-1 before)
+        self.chunk_steps: torch.Tensor | None = None  # (T,) int64 on the device: the steps of the chunk being run
         self.steps = 0  # host: decode steps taken
 
     @property
@@ -327,18 +368,19 @@ class PrefixKVCache(Cache):
         layer = self.layers[layer_idx]
         return layer.prompt_length + self.steps if layer.compressed else layer.seen
 
+    @property
+    def needs_scores(self) -> bool:
+        """Whether prefill attention must score the prompt (and so ask its backend for the log-sum-exp)."""
+        return self.method.needs_scores
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
-        decoding = self.compressed or (
-            layer_idx == 0 and key_states.shape[-2] == 1 and layer.seen > 0 and not layer.compressed
-        )
+        tokens = key_states.shape[-2]
+        decoding = self.compressed or (layer_idx == 0 and tokens == 1 and layer.seen > 0 and not layer.compressed)
         if not decoding:
             return layer.update(key_states, value_states)
-        if key_states.shape[-2] != 1:
-            raise ValueError(
-                f"a compressed cache decodes one token per step, got a chunk of {key_states.shape[-2]}: layers have "
-                "different lengths, so no single attention mask fits a multi-token chunk"
-            )
+        if tokens > 1:
+            return self._chunk(key_states, value_states, layer_idx)
         if layer_idx == 0:
             if not self.compressed:
                 self.compress()  # first decode step under model.generate: prefill is over
@@ -353,9 +395,25 @@ class PrefixKVCache(Cache):
             layer.history.append(layer.held_positions(self.steps))
         return out
 
-    def advance(self) -> None:
-        """Host bookkeeping of one decode step (the compiled loop calls it after each compiled step)."""
-        self.steps += 1
+    def _chunk(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
+        """A chunk of T > 1 tokens after compression: advance by T steps and hand the chunk's own keys and values to
+        the attention call, which writes them (`prefixkv.attention.chunk_attention`): under `score` what a row writes
+        depends on the attention of the rows before it."""
+        tokens = key_states.shape[-2]
+        if layer_idx == 0:
+            if any(layer.history is not None for layer in self.layers):
+                raise ValueError("held positions are recorded per one-token step: feed one token at a time to record")
+            self.step.add_(tokens)
+            self.chunk_steps = self.step + torch.arange(1 - tokens, 1, device=self.step.device)
+            if not torch.compiler.is_compiling():
+                self.advance(tokens)
+                for each in self.layers:
+                    each.ensure_steps(self.steps)
+        return key_states, value_states
+
+    def advance(self, tokens: int = 1) -> None:
+        """Host bookkeeping of `tokens` decode steps (the compiled loop calls it after each compiled call)."""
+        self.steps += tokens
 
     def record_history(self) -> None:
         """Append each recording layer's held positions (debugging and tests; reads the device)."""
@@ -373,12 +431,8 @@ class PrefixKVCache(Cache):
         `lse` the attention's log-sum-exp per query row, when its backend gave one) and, where the sizes are known,
         compress it at once."""
         if self.method.needs_scores:
-            window = self.method.query_window
-            if window is not None:
-                queries = queries[:, :, -window:]
-                lse = None if lse is None else lse[:, :, -window:]
             with self.timer.region("score"):
-                scores = self.method.score(queries, keys, layer_idx, lse=lse)
+                scores = self.method.score_prompt(queries, keys, layer_idx, lse)
             # With a chunked prefill the last chunk's scores win: its queries are the prompt's last ones.
             self.scores[layer_idx] = scores
         if not self.compress_in_prefill:
@@ -388,6 +442,18 @@ class PrefixKVCache(Cache):
                 self.sizes = self.method.sizes(keys.shape[-2], len(self.layers), self.budget)
         if self.sizes is not None:
             self._compress_layer(layer_idx, self.sizes[layer_idx])
+
+    def adopt_prefill(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], scores: list[torch.Tensor] | None = None
+    ) -> None:
+        """Take an uncompressed prefill run elsewhere as this cache's own: every layer's keys and values
+        ((batch, kv_heads, n, head_dim); read, never written) and, for a method that scores, its scores per layer
+        ((batch, kv_heads, n) float32). `compress()` then plans and compacts exactly as after its own prefill."""
+        if any(layer.keys is not None for layer in self.layers):
+            raise ValueError("this cache already holds a prefill")
+        for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
+            layer.update(layer_keys, layer_values)
+        self.scores = dict(enumerate(scores or []))
 
     def compress(self) -> None:
         """Plan the kept positions of every layer not compressed yet and compact the cache to them."""

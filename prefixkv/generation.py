@@ -1,10 +1,16 @@
-"""Greedy generation with a compressed KV cache: prefill (scoring and compressing as it goes), then one token per
-step through a static-shape decode step, eager or compiled.
+"""Greedy generation and teacher-forced scoring with a compressed KV cache: prefill (scoring and compressing as it
+goes), then, after compression, chunks of several tokens in one forward (a question, a continuation to score) and
+one token per step through a static-shape decode step, eager or compiled.
+
+Both protocols of the field are expressible: query-aware (the question is part of `inputs`, so it is compressed with
+the context) and query-agnostic (`question=`: the context is compressed first, then the question is fed after it as
+one chunk and cached under the method's decode policy, as if fed token by token).
 
 No function here reads a clock or synchronises the device: a caller that wants timings passes a `timer`
-(`prefixkv.timer`), whose regions "prefill", "score", "allocate", "compact" and "decode_step" mark exactly that work.
-With `compile=True` the decode step runs under `torch.compile(fullgraph=True)` - on CUDA with `mode="reduce-overhead"`,
-so that each step replays one CUDA graph instead of launching a kernel per operation from Python.
+(`prefixkv.timer`), whose regions "prefill", "score", "allocate", "compact", "chunk" and "decode_step" mark exactly
+that work. With `compile=True` the decode step runs under `torch.compile(fullgraph=True)` - on CUDA with
+`mode="reduce-overhead"`, so that each step replays one CUDA graph instead of launching a kernel per operation from
+Python.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prefixkv.budget import check_budget, check_count
+from prefixkv.budget import check_count
 from prefixkv.cache import CacheStats, PrefixKVCache
 from prefixkv.capture import bind, decoder_spec
 from prefixkv.methods import Method, build_method
@@ -45,8 +51,9 @@ def check_inputs(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.
     input_ids = inputs["input_ids"]
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    # What an embedding takes: narrower integers are refused here rather than deep inside the model's embedding.
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold int64 or int32 token ids, got dtype {input_ids.dtype}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.shape[0] < 1:
         raise ValueError(f"input_ids must be (batch, seq) with batch, seq >= 1, got shape {tuple(input_ids.shape)}")
     if input_ids.device.type == "meta":
@@ -54,24 +61,48 @@ def check_inputs(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.
     parameter = next(model.parameters(), None)
     if parameter is not None and parameter.device != input_ids.device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {parameter.device}")
+    _check_vocabulary("input_ids", input_ids, model)
+    check_no_padding(inputs.get("attention_mask"), input_ids)
+    return input_ids
+
+
+def _check_vocabulary(name: str, ids: torch.Tensor, model: nn.Module) -> None:
+    """ValueError when token ids fall outside the model's vocabulary. Checked where reading the ids costs no device
+    sync (on a GPU an out-of-range id trips a device assert instead)."""
+    if ids.device.type != "cpu":
+        return
     vocab = getattr(model.config.get_text_config(decoder=True), "vocab_size", None)
     vocab = vocab if isinstance(vocab, int) else None
-    # Range-checked where reading the ids costs no device sync (on a GPU an out-of-range id trips a device assert).
-    if input_ids.device.type == "cpu":
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or (vocab is not None and high >= vocab):
-            raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values from {low} to {high}")
-    mask = inputs.get("attention_mask")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(input_ids.shape):
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
-        if not bool(mask.bool().all()):  # the one host read at the door, before any work is queued
-            raise ValueError(
-                "attention_mask has padding: the compressed cache needs equal prompt lengths within a batch "
-                "(group prompts by length, or run them one at a time)"
-            )
-    return input_ids
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(f"{name} must lie in [0, {vocab}) (the vocabulary), got values from {low} to {high}")
+
+
+def check_no_padding(mask, input_ids: torch.Tensor) -> None:
+    """ValueError when `mask` (an attention mask, or None) does not have `input_ids`' shape or marks padding."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(input_ids.shape):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+    if not bool(mask.bool().all()):  # the one host read at the door, before any work is queued
+        raise ValueError(
+            "attention_mask has padding: the compressed cache needs equal prompt lengths within a batch "
+            "(group prompts by length, or run them one at a time)"
+        )
+
+
+def check_token_ids(model: nn.Module, name: str, ids, input_ids: torch.Tensor) -> torch.Tensor:
+    """`ids`, (batch, T) token ids that follow the prompt (a continuation, a question), as int64 on the prompt's
+    device, checked before any work (TypeError/ValueError naming `name` and the value)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.shape[0] != input_ids.shape[0] or ids.shape[1] < 1:
+        raise ValueError(f"{name} must be (batch={input_ids.shape[0]}, T>=1) token ids, got {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    _check_vocabulary(name, ids, model)
+    return ids.to(input_ids.device, torch.long)
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -90,16 +121,14 @@ def make_cache(
     compress_in_prefill: bool = True,
     **method_kwargs,
 ) -> PrefixKVCache:
-    """A `PrefixKVCache` sized for `model`, after checking every argument (ValueError names the bad one)."""
-    budget = check_budget(budget)
-    check_count("max_new_tokens", max_new_tokens, 0)
-    spec = decoder_spec(model)
+    """A `PrefixKVCache` sized for `model`; the cache's constructor checks budget, counts and timer (the public door
+    every entry point passes), `build_method` the method."""
     return PrefixKVCache(
-        spec.num_layers,
+        decoder_spec(model).num_layers,
         method=build_method(method, **method_kwargs),
         budget=budget,
         max_new_tokens=max_new_tokens,
-        timer=check_timer(timer),
+        timer=timer,
         compress_in_prefill=compress_in_prefill,
     )
 
@@ -116,6 +145,15 @@ def _logits(model: nn.Module, cache: PrefixKVCache, token: torch.Tensor, positio
     return out.logits[:, -1].float()
 
 
+def _chunk_logits(
+    model: nn.Module, cache: PrefixKVCache, tokens: torch.Tensor, positions: torch.Tensor, argument: str, keep: int
+):
+    """A chunk after compression: `tokens` (batch, T) ids at `positions` (batch, T) in one forward; returns the
+    logits of its last `keep` positions, (batch, keep, vocab) float32 (the lm_head runs on those only)."""
+    out = model(input_ids=tokens, position_ids=positions, **{argument: cache}, use_cache=True, logits_to_keep=keep)
+    return out.logits.float()
+
+
 _COMPILED: dict[str, object] = {}
 
 
@@ -128,13 +166,20 @@ def _compiled_logits(device: torch.device):
     return _COMPILED[mode]
 
 
+def _compiled_chunk_logits():
+    """`_chunk_logits` under `torch.compile(fullgraph=True)`, without CUDA graphs: a chunk runs once per cache."""
+    if "chunk" not in _COMPILED:
+        _COMPILED["chunk"] = torch.compile(_chunk_logits, fullgraph=True, dynamic=False)
+    return _COMPILED["chunk"]
+
+
 class Decoder:
-    """Feeds one token per sequence at its true position through a bound model and its compressed cache, eagerly or
-    compiled. Holds the position as a device tensor advanced in place: no host value changes between steps."""
+    """Feeds tokens at their true positions through a bound model and its compressed cache: one per sequence and
+    step (`__call__`, compiled when `compile`), or a chunk of several in one forward (`feed`). Holds the position as
+    a device tensor advanced in place: no host value changes between steps."""
 
     def __init__(self, model: nn.Module, cache: PrefixKVCache, batch: int, compile: bool = False):
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile must be True or False, got {compile!r}")
+        check_compile(compile)
         self.model, self.cache, self.compile = model, cache, compile
         self.argument = cache_argument(model)
         device = cache.step.device
@@ -150,6 +195,78 @@ class Decoder:
         self.position.add_(1)
         return logits
 
+    def feed(self, tokens: torch.Tensor, keep: int, compile: bool = False) -> torch.Tensor:
+        """`tokens`: (batch, T) ids, in one forward that leaves the cache as T one-token steps would (teacher
+        forcing); returns the logits of the last `keep` of them, (batch, keep, vocab) float32. `compile` runs that
+        forward under `torch.compile(fullgraph=True)` (one graph per chunk length)."""
+        count = tokens.shape[1]
+        if count == 1:
+            return self(tokens[:, 0])[:, None]
+        positions = self.position + torch.arange(count, device=self.position.device)
+        forward = _compiled_chunk_logits() if compile else _chunk_logits
+        logits = forward(self.model, self.cache, tokens, positions, self.argument, keep)
+        if compile:
+            self.cache.advance(count)  # the host half, which a compiled graph cannot hold
+        self.position.add_(count)
+        return logits
+
+
+def check_compile(compile) -> bool:
+    """`compile`, or TypeError unless it is True or False."""
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    return compile
+
+
+def fed_after_compression(question: torch.Tensor | None, tokens: int) -> int:
+    """Decode steps a cache is planned for: the question's tokens and `tokens` more (so nothing reallocates)."""
+    return tokens + (0 if question is None else question.shape[1])
+
+
+def score_continuation(
+    decoder: Decoder,
+    last_logits: torch.Tensor,
+    continuation: torch.Tensor,
+    question: torch.Tensor | None = None,
+    timer: Timer | None = None,
+    compile: bool = False,
+) -> torch.Tensor:
+    """Log-probabilities (batch, T) float32 of `continuation` (batch, T) after a compressed prompt whose last
+    position gave `last_logits` (batch, vocab) and after `question` (batch, Tq) if given: one chunk forward of
+    the question and the continuation's first T - 1 tokens (teacher forcing), compiled if `compile`."""
+    count = continuation.shape[1]
+    with check_timer(timer).region("chunk"):
+        if question is None:
+            logits = last_logits[:, None]
+            if count > 1:
+                logits = torch.cat([logits, decoder.feed(continuation[:, :-1], count - 1, compile)], dim=1)
+        else:
+            logits = decoder.feed(torch.cat([question, continuation[:, :-1]], dim=1), count, compile)
+        return torch.log_softmax(logits, -1).gather(-1, continuation[..., None])[..., 0]
+
+
+def greedy_tokens(
+    decoder: Decoder,
+    last_logits: torch.Tensor,
+    max_new_tokens: int,
+    question: torch.Tensor | None = None,
+    timer: Timer | None = None,
+) -> torch.Tensor:
+    """`max_new_tokens` greedy tokens (batch, new) after a compressed prompt whose last position gave `last_logits`
+    (batch, vocab), and after `question` (batch, Tq), fed as one eager chunk, if given (its length varies from
+    prompt to prompt: compiling it would compile a graph per length)."""
+    timer = check_timer(timer)
+    if question is not None:
+        with timer.region("chunk"):
+            last_logits = decoder.feed(question, 1)[:, -1]
+    token = last_logits.argmax(-1)
+    tokens = [token]
+    for _ in range(max_new_tokens - 1):
+        with timer.region("decode_step"):
+            token = decoder(token).argmax(-1)
+        tokens.append(token)
+    return torch.stack(tokens, dim=1)
+
 
 @torch.inference_mode()
 def generate(
@@ -159,6 +276,7 @@ def generate(
     method: str | Method,
     budget: float,
     max_new_tokens: int,
+    question: torch.Tensor | None = None,
     timer: Timer | None = None,
     compile: bool = False,
     **method_kwargs,
@@ -168,23 +286,26 @@ def generate(
     `inputs` is the dict a tokenizer or processor returns (`input_ids` (batch, seq), `attention_mask`,
     `pixel_values`, ...); all prompts of a batch must have the same length (no padding). Works for decoder-only
     models whose attention modules have q_proj/k_proj/v_proj (Llama, Mistral, Qwen2...) and for LLaVA.
-    `timer` marks the regions of the work (`prefixkv.timer`); `compile` runs the decode step compiled.
+    `question` ((batch, Tq) ids, optional): fed after the compressed prompt as one chunk, uncompressed (cached under
+    the method's decode policy, like generated tokens), before generation starts: the query-agnostic protocol.
+    `timer` marks the regions of the work (`prefixkv.timer`); `compile` runs the decode step compiled (the
+    question's chunk runs eagerly). `sequences` are the prompt, the question (if any) and the new tokens.
     """
     input_ids = check_inputs(model, inputs)
     check_count("max_new_tokens", max_new_tokens, 1)
-    cache = make_cache(model, method, budget, max_new_tokens, timer=timer, **method_kwargs)
+    if question is not None:
+        question = check_token_ids(model, "question", question, input_ids)
+    planned = fed_after_compression(question, max_new_tokens)
+    cache = make_cache(model, method, budget, planned, timer=timer, **method_kwargs)
     timer = cache.timer
     with bind(model, cache):
         with timer.region("prefill"):
-            token = _prefill(model, inputs, cache).argmax(-1)
+            logits = _prefill(model, inputs, cache)
             cache.compress()  # a no-op where every layer was compressed during prefill
         decoder = Decoder(model, cache, input_ids.shape[0], compile)
-        tokens = [token]
-        for _ in range(max_new_tokens - 1):
-            with timer.region("decode_step"):
-                token = decoder(token).argmax(-1)
-            tokens.append(token)
-    sequences = torch.cat([input_ids, torch.stack(tokens, dim=1).to(input_ids.dtype)], dim=1)
+        new = greedy_tokens(decoder, logits, max_new_tokens, question, timer)
+    parts = [input_ids] if question is None else [input_ids, question.to(input_ids.dtype)]
+    sequences = torch.cat([*parts, new.to(input_ids.dtype)], dim=1)
     return GenerationOutput(sequences=sequences, cache_stats=cache.stats())
 
 
@@ -196,33 +317,32 @@ def continuation_logprobs(
     *,
     method: str | Method,
     budget: float,
+    question: torch.Tensor | None = None,
     compile: bool = False,
     **method_kwargs,
 ) -> torch.Tensor:
     """Log-probability of each token of `continuation` ((batch, T) ids) given the prompt and the tokens before it,
     with the prompt's cache compressed by `method` at `budget` (teacher forcing). Returns (batch, T) float32;
     perplexity is `exp(-mean)`.
+
+    The continuation is scored in one forward over the compressed cache (a chunk of T - 1 tokens), equal to feeding
+    it one token per step. `question` ((batch, Tq) ids, optional) comes between the compressed prompt and the
+    continuation, uncompressed, in the same chunk (query-agnostic protocol). `compile=True` runs that forward under
+    `torch.compile(fullgraph=True)`: a forward run once rarely repays its compilation, but dynamo's cache is shared
+    by every call of a process with the same shapes (one graph per chunk length and cache layout).
     """
+    check_compile(compile)
     input_ids = check_inputs(model, inputs)
-    if not isinstance(continuation, torch.Tensor):
-        raise TypeError(f"continuation must be a torch.Tensor of token ids, got {type(continuation).__name__}")
-    if continuation.dim() != 2 or continuation.shape[0] != input_ids.shape[0] or continuation.shape[1] < 1:
-        raise ValueError(
-            f"continuation must be (batch={input_ids.shape[0]}, T>=1) token ids, got {tuple(continuation.shape)}"
-        )
-    if continuation.is_floating_point() or continuation.is_complex() or continuation.dtype == torch.bool:
-        raise TypeError(f"continuation must hold integer token ids, got dtype {continuation.dtype}")
-    continuation = continuation.to(input_ids.device, torch.long)
-    cache = make_cache(model, method, budget, continuation.shape[1], **method_kwargs)
+    continuation = check_token_ids(model, "continuation", continuation, input_ids)
+    if question is not None:
+        question = check_token_ids(model, "question", question, input_ids)
+    planned = fed_after_compression(question, continuation.shape[1])
+    cache = make_cache(model, method, budget, planned, **method_kwargs)
     with bind(model, cache):
         logits = _prefill(model, inputs, cache)
         cache.compress()
-        decoder = Decoder(model, cache, input_ids.shape[0], compile)
-        logprobs = [torch.log_softmax(logits, -1).gather(-1, continuation[:, :1])]
-        for t in range(1, continuation.shape[1]):
-            logits = decoder(continuation[:, t - 1])
-            logprobs.append(torch.log_softmax(logits, -1).gather(-1, continuation[:, t : t + 1]))
-    return torch.cat(logprobs, dim=1)
+        decoder = Decoder(model, cache, input_ids.shape[0])
+        return score_continuation(decoder, logits, continuation, question, compile=compile)
 
 
 @torch.inference_mode()
@@ -256,8 +376,34 @@ def attach(
     (`past_key_values=cache` before transformers 5.2x.)
 
     The cache compresses itself during prefill (or before the first decode step). Needs one `generate` call per
-    cache, greedy or sampling (beam search reorders the cache: it raises), and prompts of equal length.
+    cache, greedy or sampling (beam search reorders the cache: it raises), and prompts of equal length: the model's
+    inputs are checked at each call's prefill as `prefixkv.generate` checks them (a padded `attention_mask` is a
+    ValueError), and a second call on the same cache is refused.
     """
     cache = make_cache(model, method, budget, max_new_tokens, timer=timer, **method_kwargs)
-    with bind(model, cache):
-        yield cache
+    hook = model.register_forward_pre_hook(_attached_call_check(cache), with_kwargs=True)
+    try:
+        with bind(model, cache):
+            yield cache
+    finally:
+        hook.remove()
+
+
+def _attached_call_check(cache: PrefixKVCache):
+    """A forward pre-hook for an attached model: its prefill (the cache empty) must carry no padding, and once the
+    cache is compressed only one-token decode steps may follow (a prompt then means a second `generate` call)."""
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        tokens = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else 1
+        if cache.compressed and tokens > 1:
+            raise ValueError(
+                f"this attached cache has already served a generate call (now given {tokens} new tokens at once): one "
+                "cache serves one call; open a new `prefixkv.attach` block for the next one"
+            )
+        if cache.get_seq_length() == 0 and isinstance(ids, torch.Tensor):
+            check_no_padding(kwargs.get("attention_mask"), ids[..., 0] if ids.dim() == 3 else ids)
+
+    return check

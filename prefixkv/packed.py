@@ -20,8 +20,9 @@ the victim of each row is an `argmin` over a padded (batch, kv_heads, longest ca
 attention. Attention is `kernels.decode_attention` (a Triton flash-decoding kernel on CUDA, its torch reference
 elsewhere), one custom op per layer that also returns each entry's attention for `score`.
 
-One token per decode step: a multi-token chunk after compression (teacher forcing a continuation in one call)
-raises a one-line `ValueError` in `write` and `attend`; feed such a chunk one token at a time.
+`write` and `attend` take one token (a decode step). A multi-token chunk after compression (teacher forcing a
+continuation, a question after the context) runs its rows one at a time inside each packed layer
+(`prefixkv.attention.packed_attention`), still one model forward, equal to feeding it token by token.
 """
 
 from __future__ import annotations
@@ -37,12 +38,9 @@ from prefixkv.policy import EVICT, DecodePolicy, Plan
 
 
 def _check_one_token(tokens: int) -> None:
-    # A chunk's rows would each need their own per-row visibility over every head's plan; not built for this layout.
+    # Chunks are split into one-token rows by `prefixkv.attention.packed_attention` before they reach the layer.
     if tokens != 1:
-        raise ValueError(
-            f"the packed layout (per-head budgets) decodes one token per step, got {tokens} tokens: multi-token "
-            "chunks after compression are not supported with head_budgets='adaptive'"
-        )
+        raise ValueError(f"a packed layer writes and attends one token at a time, got {tokens} tokens")
 
 
 def _static(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,29 @@ O(chunk x S) per head).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from kernels.scores import attention_scores
+
+#: Inside `shared_attention_mass`: the masses computed so far, with the tensors they were computed from.
+_shared: list[tuple[tuple, torch.Tensor]] | None = None
+
+
+@contextmanager
+def shared_attention_mass() -> Iterator[None]:
+    """Within the block, `attention_mass` runs once per distinct call - the same query, key and log-sum-exp tensors
+    (the objects, not equal values) and window - and repeats return that first result (read-only): scorers of one
+    layer that read the same attention (H2O per KV head, PrefixKV's head mean) share one pass over the keys. A
+    prefill that scores each layer for several methods (`prefixkv.sweep`) opens one block per layer."""
+    global _shared
+    previous, _shared = _shared, []
+    try:
+        yield
+    finally:
+        _shared = previous
 
 
 def attention_mass(
@@ -27,9 +47,17 @@ def attention_mass(
     kv_heads, n = keys.shape[1], keys.shape[2]
     if window is not None:
         window = min(window, queries.shape[2])
+    call = (queries, keys, lse, window)
+    if _shared is not None:
+        for seen, mass in _shared:
+            if all(a is b for a, b in zip(seen[:3], call[:3], strict=True)) and seen[3] == window:
+                return mass
     # The fused Triton kernel on CUDA; it falls back to the chunked torch reference elsewhere.
     per_query_head = attention_scores(queries, keys, causal=True, window=window, lse=lse)  # (batch, q_heads, n)
-    return per_query_head.view(batch, kv_heads, q_heads // kv_heads, n).sum(2)
+    mass = per_query_head.view(batch, kv_heads, q_heads // kv_heads, n).sum(2)
+    if _shared is not None:
+        _shared.append((call, mass))
+    return mass
 
 
 def normalise(scores: torch.Tensor) -> torch.Tensor:

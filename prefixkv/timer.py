@@ -2,8 +2,9 @@
 
 The library never reads a clock and never synchronises the device for timing (gpt-fast keeps its clocks in `main`,
 not in `generate`). Regions it marks: "prefill", "score", "allocate", "compact" (once per layer, or once for the
-whole cache) and "decode_step" (once per generated token after the first). A timer on CUDA records events; the
-caller synchronises once, after the work, and reads them.
+whole cache), "chunk" (tokens fed after compression in one forward: a question, a continuation scored by teacher
+forcing) and "decode_step" (once per generated token after the first). A timer on CUDA records events; the caller
+synchronises once, after the work, and reads them.
 """
 
 from __future__ import annotations

@@ -82,6 +82,12 @@ def text_inputs(batch: int = 2, seq: int = 40, seed: int = 1) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def token_ids(batch: int, count: int, seed: int = 0) -> torch.Tensor:
+    """(batch, count) random token ids (no image token): what a test feeds after a prompt."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    return torch.randint(0, IMAGE_TOKEN, (batch, count), generator=gen)
+
+
 def llava_inputs(batch: int = 1, text: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
     """Image tokens first, then text, as LLaVA's chat template puts them."""
     gen = torch.Generator().manual_seed(seed)

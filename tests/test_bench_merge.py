@@ -11,6 +11,7 @@ import pytest
 
 from bench import report, store
 from bench.cli import main
+from bench.merge import merge
 from tests import report_stores
 
 ROW = {"key": "k1", "status": "ok", "rep": 0, "method": "prefixkv", "env_machine_id": "m0", "run_id": "r-old",
@@ -60,18 +61,19 @@ def test_a_conflict_keeps_the_newer_run_in_one_line(tmp_path):
     older, newer, into = tmp_path / "older", tmp_path / "newer", tmp_path / "into"
     _part(older, tokens_per_s=1.0)
     _part(newer, tokens_per_s=2.0, run_id="r-new", env_date="2026-02-01T00:00:00+00:00")
-    merged = store.merge([newer], into)
+    merged = merge([newer], into)
     assert merged.copied == 1 and merged.lines == []
-    merged = store.merge([older], into)  # older than what DST holds: never overwrites it
+    merged = merge([older], into)  # older than what DST holds: never overwrites it
     assert (merged.kept, merged.copied, merged.replaced) == (1, 0, 0)
     [line] = merged.lines
-    assert line.startswith("conflict: k1-m0.parquet: kept run r-new (2026-02-01") and "r-old" in line
+    assert line.startswith("conflict: k1-m0.parquet: kept the successful run r-new (2026-02-01") and "r-old" in line
     assert store.load(into)["tokens_per_s"].tolist() == [2.0]
     # The other way round: DST holds the older run; the newer replaces it, and says so.
     into2 = tmp_path / "into2"
-    store.merge([older], into2)
-    merged = store.merge([newer], into2)
-    assert merged.replaced == 1 and "replaced run r-old" in merged.lines[0] and "newer run r-new" in merged.lines[0]
+    merge([older], into2)
+    merged = merge([newer], into2)
+    assert merged.replaced == 1 and "replaced the successful run r-old" in merged.lines[0]
+    assert "better successful run r-new" in merged.lines[0]
     assert store.load(into2)["tokens_per_s"].tolist() == [2.0]
     assert not [p for p in (into2 / "parts").iterdir() if p.name.startswith(".")]  # no temporary file left
 

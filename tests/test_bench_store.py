@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from bench import runner, store
+from bench import isolation, runner, store
 from bench.cli import main
 from bench.matrix import Cell
 from tests.test_bench_compare import _rows
@@ -58,11 +58,12 @@ def test_compare_goes_on_with_the_valid_parts(tmp_path, capsys, damage):
     cur = tmp_path / "cur"
     shutil.copytree(base, cur)
     damage(store.part_path(cur, "k-full", "m0"))
-    # The damaged cell is no longer in the current store: a missing cell (exit 3), not a traceback (exit 1).
-    assert main(["compare", str(base), str(cur)]) == 3
+    # The damaged cell is no longer in the current store: missing, and its part unusable (exit 2: the gate cannot
+    # vouch for a store with an invalid part, which in a baseline would hide its cell), not a traceback.
+    assert main(["compare", str(base), str(cur)]) == 2
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and captured.err.count("warning:") == 1 and "k-full-m0" in captured.err
-    assert "missing:" in captured.out and store.finished(cur, "m0") == {"k-prefixkv"}
+    assert "missing:" in captured.out and "unusable:" in captured.out and store.finished(cur, "m0") == {"k-prefixkv"}
 
 
 def test_load_of_a_read_only_store_skips_the_bad_part_in_place(tmp_path, monkeypatch):
@@ -141,7 +142,7 @@ repetitions = 1
 def no_cells(monkeypatch):
     """Fail the test if any cell would run."""
     calls = []
-    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: calls.append(a) or pytest.fail("a cell ran"))
+    monkeypatch.setattr(isolation, "run_cell", lambda *a, **k: calls.append(a) or pytest.fail("a cell ran"))
     return calls
 
 
@@ -217,7 +218,7 @@ def _ok_rows(*args, **kwargs):
 
 def test_markup_in_user_text_is_printed_verbatim(tmp_path, monkeypatch):
     # The audit: a model spec or message with square brackets raised MarkupError, or vanished from the console.
-    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: ("error", [], "shape [batch, heads] [/] [bold]x"))
+    monkeypatch.setattr(isolation, "run_cell", lambda *a, **k: ("error", [], "shape [batch, heads] [/] [bold]x"))
     buf = io.StringIO()
     console = Console(file=buf, width=300)
     outcomes = runner.sweep(_cells(1, model="hf:/models/[red]odd[/]"), tmp_path / "r", console=console)
@@ -229,7 +230,7 @@ def test_markup_in_user_text_is_printed_verbatim(tmp_path, monkeypatch):
 def test_disk_full_stops_the_sweep_with_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "m.toml").write_text(MATRIX.replace('methods = ["full"]', 'methods = ["full"]\nbatch_sizes = [1, 2]')
                                      .replace("batch_sizes = [1]\n", ""))
-    monkeypatch.setattr(runner, "run_cell", _ok_rows)
+    monkeypatch.setattr(isolation, "run_cell", _ok_rows)
     real = store.pq.write_table
     writes = []
 

@@ -262,17 +262,6 @@ def test_continuation_logprobs_match_generation(llama):
     assert full.shape == logprobs.shape
 
 
-def test_multi_token_chunk_after_compression_is_refused(llama):
-    inputs = text_inputs(batch=1, seq=20)
-    cache = make_cache(llama, "uniform", 0.5, 4)
-    with torch.no_grad():
-        prefill(llama, inputs, cache)
-        cache.compress()
-        with bind(llama, cache), pytest.raises(ValueError, match="one token per step"):
-            llama(input_ids=torch.tensor([[1, 2]]), **{cache_argument(llama): cache})
-
-
-
 class _PrefillWatch:
     """A timer that notes, whenever a layer is compacted, how many layers hold their full prompt cache."""
 

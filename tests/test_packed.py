@@ -208,14 +208,34 @@ def test_model_generate_with_an_attached_packed_cache(llama):
     assert cache.stats().kept_per_head == expected.cache_stats.kept_per_head
 
 
-def test_a_multi_token_chunk_is_refused_in_one_line(llama):
+@pytest.mark.parametrize(
+    "policy", [{}, {"decode": "fixed_position", "decode_distance": 3}, {"decode": "score", "decode_recent": 2}]
+)
+def test_a_chunk_equals_token_by_token(llama, policy):
+    """A chunk after compression (teacher forcing, a question after the context) runs its rows one at a time inside
+    each packed layer: the same log-probabilities and the same entries held as one-token steps, steps after it too."""
+    from tests.models import token_ids
+    from tests.test_chunks import fed
+
+    inputs = text_inputs(batch=2, seq=40, seed=3)
+    tokens = token_ids(2, 13)
+    for method, kwargs in VARIANTS:
+        steps, by_step = fed(llama, inputs, method, tokens, [1] * 13, **ADAPTIVE, **kwargs, **policy)
+        chunked, by_chunk = fed(llama, inputs, method, tokens, [10, 1, 2], **ADAPTIVE, **kwargs, **policy)
+        torch.testing.assert_close(chunked, steps, atol=1e-4, rtol=0, msg=f"{method} {policy}")
+        assert isinstance(by_chunk.layers[0], PackedLayer)
+        for x, y in zip(by_chunk.layers, by_step.layers, strict=True):
+            assert torch.equal(x.held_positions(by_chunk.steps), y.held_positions(by_step.steps))
+
+
+def test_the_layer_itself_takes_one_token_at_a_time(llama):
     cache = make_cache(llama, "prefixkv", 0.5, 4, **ADAPTIVE)
     with torch.no_grad():
         prefill(llama, text_inputs(batch=1, seq=20), cache)
         cache.compress()
         layer = cache.layers[0]
         chunk = torch.zeros(1, 2, 3, 16)
-        refused = r"^the packed layout \(per-head budgets\) decodes one token per step, got 3 tokens: multi-token"
+        refused = r"^a packed layer writes and attends one token at a time, got 3 tokens$"
         with pytest.raises(ValueError, match=refused):
             layer.write(chunk, chunk, cache.step)
         with pytest.raises(ValueError, match=refused):

@@ -10,7 +10,11 @@ SmolLM2-135M-Instruct (Apache-2.0; a 30-layer Llama, hidden 576, 9 query / 3 KV 
 Loading a GGUF dequantises it (about 35 s on 2 cores); the fetch does that once and saves a plain float32
 `LlamaForCausalLM` with its tokenizer under the cache directory (`$PREFIXKV_CACHE`, else
 `$XDG_CACHE_HOME/prefixkv-bench`, else `~/.cache/prefixkv-bench`), which then reloads offline in about 1.5 s.
-The directory appears whole or not at all (it is built aside and renamed into place).
+The directory appears whole or not at all (it is built aside and renamed into place), readable by every user of a
+shared cache (folders 0755, files 0644). A conversion killed half-way leaves its work folder, which the next fetch
+removes (under the fetch lock, so no live conversion is touched). A model already converted is used as it is, even
+from a read-only cache; a manifest that cannot be read, or a file it lists that is missing, is one line saying to
+fetch again with `--force`.
 """
 
 from __future__ import annotations
@@ -112,6 +116,10 @@ def convert(gguf: Path, out: Path, *, sha256: str | None, model_name: str) -> Pa
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     gguf = Path(gguf)
+    if gguf.is_dir():
+        inside = sorted(p.name for p in gguf.glob("*.gguf"))
+        hint = f" (it holds {', '.join(inside[:3])})" if inside else " (it holds no .gguf file)"
+        raise FetchError(f"--gguf {gguf} is a directory; give the GGUF file itself{hint}")
     if not gguf.is_file():
         raise FetchError(f"GGUF file {gguf} does not exist")
     digest = sha256_of(gguf)
@@ -139,6 +147,8 @@ def convert(gguf: Path, out: Path, *, sha256: str | None, model_name: str) -> Pa
             raise FetchError(f"conversion of {gguf.name} failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
         plain.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
+        for path in work.iterdir():
+            path.chmod(0o644)  # safetensors writes through a private temporary file (0600)
         manifest = {
             "model": model_name,
             "gguf": gguf.name,
@@ -156,32 +166,80 @@ def convert(gguf: Path, out: Path, *, sha256: str | None, model_name: str) -> Pa
 
 
 def fetch(name: str, *, gguf: Path | None = None, force: bool = False) -> Path:
-    """Make the converted model `name` present in the cache (a no-op when it already is); return its directory."""
+    """Make the converted model `name` present in the cache (a no-op when it already is); return its directory.
+
+    A complete conversion is used without taking the lock (it appeared by an atomic rename), so a read-only cache
+    serves it; otherwise the conversion runs under the fetch lock, after removing the work folders that killed
+    conversions left behind. FetchError (one line) when the cache cannot be written."""
     from filelock import FileLock
 
     src = source(name)
     out = model_dir(name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if (out / MANIFEST).is_file() and not force:
-            return out
-        return convert(gguf or locate_gguf(src), out, sha256=src.sha256, model_name=name)
+    if not force and _complete(out):
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(out) + ".lock"):
+            for stale in out.parent.glob(f".{out.name}.*"):
+                shutil.rmtree(stale, ignore_errors=True)  # a killed conversion's work folder: no live one (the lock)
+            if not force and _complete(out):
+                return out
+            return convert(gguf or locate_gguf(src), out, sha256=src.sha256, model_name=name)
+    except OSError as err:
+        raise FetchError(f"the model cache {out.parent} cannot be written ({err.strerror or err}); set "
+                         "PREFIXKV_CACHE to a writable folder") from None
+
+
+def read_manifest(path: Path) -> dict[str, str]:
+    """The files of the converted model at `path` and their sha256, from its manifest; FetchError (one line) when
+    the manifest is missing or garbled."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise FetchError(f"{path} is not a converted model (no {MANIFEST}); run the fetch again") from None
+    except (OSError, ValueError) as err:
+        raise FetchError(f"{path / MANIFEST} cannot be read ({err}); run the fetch again with --force") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise FetchError(f"{path / MANIFEST} is not a conversion manifest (no file list); run the fetch again with "
+                         "--force")
+    return files
+
+
+def _missing(path: Path) -> str | None:
+    """The first file the manifest of `path` lists that is absent (FetchError for a bad manifest); None if none."""
+    return next((f for f in read_manifest(path) if not (path / f).is_file()), None)
+
+
+def _complete(path: Path) -> bool:
+    try:
+        return (path / MANIFEST).is_file() and _missing(path) is None
+    except FetchError:
+        return False
 
 
 def verify(path: Path) -> None:
     """Re-hash every file of a converted model against its manifest; FetchError names the first mismatch."""
-    manifest = json.loads((path / MANIFEST).read_text())
-    for filename, expected in manifest["files"].items():
+    for filename, expected in read_manifest(path).items():
+        if not (path / filename).is_file():
+            raise FetchError(f"{path / filename} is missing; run the fetch again with --force")
         if sha256_of(path / filename) != expected:
             raise FetchError(f"{path / filename} does not match its checksum; run the fetch again with --force")
 
 
 def converted(name: str) -> Path:
-    """The directory of the converted model `name`, or FetchError saying how to fetch it. Cheap: no hashing."""
+    """The directory of the converted model `name`, or FetchError saying how to fetch it. Cheap: no hashing, but
+    every file the manifest lists must be there."""
     src = source(name)
     out = model_dir(name)
     if not (out / MANIFEST).is_file():
         raise FetchError(f"model {name!r} is not fetched (no {out}); run: {src.install} && {src.fetch_command}")
+    missing = _missing(out)
+    if missing is not None:
+        raise FetchError(f"model {name!r} in {out} is incomplete ({missing} is missing); run: {src.fetch_command} "
+                         "--force")
     return out
 
 

@@ -8,13 +8,14 @@ these that they change; `Method.plan` strings them together.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 
 from prefixkv.allocation import head_allocation, uniform_allocation
 from prefixkv.budget import check_budget
+from prefixkv.methods.spec import method_spec
 from prefixkv.policy import decode_policy
 from prefixkv.scoring import key_importance
 
@@ -49,6 +50,11 @@ class Method:
     #: How `split_heads` shares a layer's entries among its KV heads (`prefixkv.allocation.head_allocation`):
     #: "top" keeps the highest scores of all heads together (Ada-KV, arXiv 2407.11550).
     head_criterion: ClassVar[str] = "top"
+
+    #: The fields `score` reads. Methods whose `score` is defined by the same class and whose fields listed here are
+    #: equal score every prompt identically (`scorer`), so one prefill scores it once for all of them. A subclass
+    #: whose `score` reads other fields lists them.
+    score_fields: ClassVar[tuple[str, ...]] = ("per_kv_head",)
 
     min_keep: int = 1
     sinks: int = 0
@@ -99,6 +105,14 @@ class Method:
             raise ValueError(f"{self.name}: {field} must be in [{low:g}, {high:g}], got {value!r}")
 
     @property
+    def spec(self) -> str:
+        """The canonical method spec of this instance (`prefixkv[recent=8,visibility_norm=True]`): its name and every
+        hyper-parameter that differs from its default, so equal methods get equal labels and
+        `build_method(m.spec)` rebuilds `m` (where every value is a literal)."""
+        changed = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+        return method_spec(self.name, changed)
+
+    @property
     def protected(self) -> int:
         """Prompt entries every layer holds before the scores choose: its floor, as far as the budget allows."""
         return self.sinks + self.recent
@@ -126,6 +140,25 @@ class Method:
     def query_window(self) -> int | None:
         """How many of the prompt's last queries `score` needs (None: all of them)."""
         return None
+
+    @property
+    def scorer(self) -> tuple:
+        """What determines this method's scores: the class defining its `score`, the query window and the values of
+        its `score_fields`. Equal for methods that score every prompt identically (`uniform` and `prefixkv`;
+        `snapkv` and `pyramidkv`, with equal scoring fields)."""
+        owner = next(cls for cls in type(self).__mro__ if "score" in vars(cls))
+        return (owner, self.query_window, *(getattr(self, field) for field in self.score_fields))
+
+    def score_prompt(
+        self, queries: torch.Tensor, keys: torch.Tensor, layer_idx: int, lse: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`score` from all of a layer's prefill queries and their log-sum-exp (shapes as in `score`), of which it
+        reads the `query_window` last."""
+        window = self.query_window
+        if window is not None:
+            queries = queries[:, :, -window:]
+            lse = None if lse is None else lse[:, :, -window:]
+        return self.score(queries, keys, layer_idx, lse=lse)
 
     # --- the three overridable steps -------------------------------------------------------------------------
 

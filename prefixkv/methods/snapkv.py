@@ -21,6 +21,7 @@ class SnapKV(Method):
     """
 
     name = "snapkv"
+    score_fields = ("per_kv_head", "window", "kernel_size", "pooling")
 
     per_kv_head: bool = True
     window: int = 32

@@ -27,6 +27,7 @@ class Uniform(Method):
 
     name = "uniform"
     head_criterion = "prefix"
+    score_fields = ("per_kv_head", "visibility_norm")
 
     sinks: int = 1
     recent: int = 1
