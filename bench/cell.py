@@ -199,6 +199,11 @@ def measure(cell: Cell) -> list[dict]:
         "peak_memory_source": peak_source,
         "kv_bytes_per_layer": [int(b) for b in stats.bytes],
         "kv_bytes_total": int(sum(stats.bytes)),
+        # KV bytes allocated (decode slots included), and per [layer][kv_head] what each head holds and kept.
+        "kv_capacity_bytes_per_layer": [int(b) for b in stats.capacity_bytes],
+        "kv_capacity_bytes_total": int(sum(stats.capacity_bytes)),
+        "kv_bytes_per_head": [[int(b) for b in layer] for layer in stats.bytes_per_head],
+        "kept_per_head": [[int(k) for k in layer] for layer in stats.kept_per_head],
         "kept_per_layer": [int(k) for k in stats.kept],
         "decode": stats.policy,
         "held_per_layer": [int(h) for h in stats.held],

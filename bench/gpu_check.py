@@ -1,8 +1,9 @@
 """The one-command GPU acceptance run: `python -m bench.gpu_check` (or `nox -s gpu-check`).
 
 It runs, in resumable phases, everything that needs a GPU: the `gpu`-marked tests, the kernel microbenchmarks, and
-the acceptance cells of `bench/matrices/gpu-check.toml` (the paper's headline shape) and `gpu-check-long.toml`
-(8192-token prompts), then the report, then one archive of it all. Each call works for at most `--budget-s` seconds
+the acceptance cells of `bench/matrices/gpu-check.toml` (the paper's headline shape), `gpu-check-heads.toml` (the
+same with per-head budgets: the packed layout and its decode kernel) and `gpu-check-long.toml` (8192-token
+prompts), then the report, then one archive of it all. Each call works for at most `--budget-s` seconds
 (default 540, so that a GPU lent for 10-minute commands can be used in short steps): a phase that is done is skipped,
 and cells run one at a time and only while the time left fits one more (estimated from the slowest cell so far).
 Call it again until it prints "all phases done"; `--status` lists what is left.
@@ -25,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MATRICES = {
     "headline": ROOT / "bench" / "matrices" / "gpu-check.toml",
+    "head-budgets": ROOT / "bench" / "matrices" / "gpu-check-heads.toml",
     "long-context": ROOT / "bench" / "matrices" / "gpu-check-long.toml",
 }
 #: A first guess of one 7B cell's seconds before any has run (measured about 3 minutes on an H100).

@@ -1,12 +1,19 @@
-"""Kernel microbenchmarks: `python -m bench.kernels [--out FILE.json] [--quick]`.
+"""Kernel microbenchmarks: `python -m bench.kernels [--out FILE.json] [--quick] [--threads N]`.
 
 Times each Triton kernel against its torch baselines at sizes that fill the chip:
 - compaction (`compact_kv_into`) against `torch.gather` and `index_select`, reported as GB/s and as a fraction of
   the copy bandwidth (a large `copy_`) measured in the same run;
 - importance scoring (`attention_scores`) against eager attention (materialised softmax(QK^T), summed; OOM is
-  recorded, not fatal) and against SDPA forward at the same shape, reported as a ratio to SDPA.
-On CUDA, `triton.testing.do_bench` (median; inputs rotate through several buffers so the L2 cache does not
-flatter small sizes). On CPU only the torch references and baselines are timed, with `time.perf_counter`.
+  recorded, not fatal) and against SDPA forward at the same shape, reported as a ratio to SDPA;
+- decode attention over a packed variable-length cache (`packed_decode_attention`, per-head budgets) against SDPA
+  over the padded buffer a dense layout needs, reported as the KV bytes held over the time, and as a fraction of
+  the copy bandwidth.
+
+Fractions of the copy bandwidth are only meaningful when both sides stream from memory, not from a cache: the copy
+runs over a buffer several times the last-level cache (the GPU's L2, the CPU's L3 read from sysfs), and every
+timed call starts cold - on CUDA `triton.testing.do_bench` (median) clears the L2 between calls, on CPU (torch
+references, `time.perf_counter` median) a buffer twice the last-level cache is written between calls. The copy
+counts its read and its write; a kernel counts the bytes it must read and write once.
 Every row carries its shape, dtype, times and derived figures; the JSON also holds the environment fingerprint.
 """
 
@@ -27,6 +34,7 @@ import torch.nn.functional as F
 
 import kernels
 import kernels.compact
+import kernels.decode_attention
 import kernels.scores
 from bench.environment import cpu_model, fingerprint
 
@@ -35,6 +43,10 @@ COMPACT_MIN_COPY_FRACTION = 0.9  # for caches >= 256 MB
 COMPACT_MIN_COPY_FRACTION_BYTES = 256 * 2**20
 COMPACT_MIN_SPEEDUP_VS_GATHER = 2.0
 SCORES_MAX_RATIO_TO_SDPA = 1.3
+DECODE_MIN_COPY_FRACTION = 0.8  # for >= 64 MB of KV held
+DECODE_MIN_COPY_FRACTION_BYTES = 64 * 2**20
+#: The copy that measures bandwidth spans at least this many last-level caches, so that it streams from memory.
+COPY_CACHE_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,8 @@ class Sizes:
     compact_dtype: torch.dtype
     #: (batch, q_heads, kv_heads, s_q, s_k, head_dim, dtype)
     scores: Sequence[tuple[int, int, int, int, int, int, torch.dtype]]
+    #: (batch, q_heads, kv_heads, head_dim, mean entries per KV head, dtype); heads keep 0.25x to 1.75x the mean
+    decode: Sequence[tuple[int, int, int, int, int, torch.dtype]] = ()
 
 
 GPU_SIZES = Sizes(
@@ -65,33 +79,46 @@ GPU_SIZES = Sizes(
         (1, 32, 8, 32768, 32768, 128, torch.float16),
         (1, 32, 8, 64, 32768, 128, torch.float16),
     ],
+    decode=[
+        (4, 32, 8, 128, 1024, torch.float16),  # 16 MB of KV: below the target's size
+        (16, 32, 32, 128, 2048, torch.float16),  # LLaVA-1.5-7B shapes (MHA), one layer: 512 MB
+        (16, 32, 32, 128, 2048, torch.bfloat16),
+        (8, 32, 8, 128, 8192, torch.float16),  # GQA, long prompts: 256 MB
+        (1, 32, 8, 128, 32768, torch.float16),  # batch 1, 32k tokens: 128 MB, split-K carries it
+    ],
 )
 GPU_QUICK_SIZES = Sizes(
     copy_bytes=2**28,
     compact=[(1, 8, 8192, 128, 0.5), (4, 8, 32768, 128, 0.5)],
     compact_dtype=torch.float16,
     scores=[(1, 32, 8, 4096, 4096, 128, torch.float16), (1, 32, 8, 64, 32768, 128, torch.float16)],
+    decode=[(16, 32, 32, 128, 2048, torch.float16), (1, 32, 8, 128, 32768, torch.float16)],
 )
 CPU_SIZES = Sizes(
     copy_bytes=2**26,
     compact=[(1, 8, 4096, 128, 0.5), (2, 8, 8192, 128, 0.2)],
     compact_dtype=torch.float32,
     scores=[(1, 8, 2, 512, 512, 64, torch.float32), (1, 8, 2, 32, 2048, 64, torch.float32)],
+    decode=[(1, 9, 3, 64, 512, torch.float32), (4, 32, 8, 128, 2048, torch.float32)],
 )
 CPU_QUICK_SIZES = Sizes(
     copy_bytes=2**23,
     compact=[(1, 2, 256, 64, 0.5)],
     compact_dtype=torch.float32,
     scores=[(1, 2, 1, 128, 128, 64, torch.float32)],
+    decode=[(1, 9, 3, 64, 512, torch.float32)],
 )
 
 
 class Timer:
-    """Median milliseconds of a callable: do_bench on CUDA, perf_counter over a few calls on CPU."""
+    """Median milliseconds of a callable: do_bench on CUDA, perf_counter over a few calls on CPU. With `flush_bytes`,
+    a CPU buffer that large is written before each timed call, so that inputs come from memory, not from a cache
+    (do_bench does the same with the L2 on CUDA)."""
 
-    def __init__(self, device: str, quick: bool) -> None:
+    def __init__(self, device: str, quick: bool, flush_bytes: int = 0) -> None:
         self.device = device
         self.quick = quick
+        self._flush = torch.empty(flush_bytes // 4) if device != "cuda" and flush_bytes else None
 
     def __call__(self, fn: Callable[[], object]) -> float:
         if self.device == "cuda":
@@ -102,24 +129,39 @@ class Timer:
         fn()  # warm-up: first-call allocations and lazy initialisation stay outside the timed calls
         samples = []
         for _ in range(3 if self.quick else 7):
+            if self._flush is not None:
+                self._flush.fill_(1.0)
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(samples)
 
 
-def _l2_bytes(device: str) -> int:
-    if device != "cuda":
-        return 0
-    return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20))
+def last_level_cache_bytes(device: str) -> int:
+    """The GPU's L2, or the CPU's largest data cache as sysfs reports it (32 MiB when it does not)."""
+    if device == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20))
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() not in ("Data", "Unified"):
+                continue
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=32 * 2**20)
 
 
 def _rotation(device: str, input_bytes: int) -> int:
-    """How many input copies to cycle through so consecutive calls never find their inputs in L2."""
-    l2 = _l2_bytes(device)
-    if l2 == 0 or input_bytes <= 0:
+    """How many input copies to cycle through so consecutive calls never find their inputs in L2 (CUDA; the CPU
+    timer flushes its cache instead)."""
+    if device != "cuda" or input_bytes <= 0:
         return 1
-    return max(1, min(8, math.ceil(4 * l2 / input_bytes)))
+    return max(1, min(8, math.ceil(4 * last_level_cache_bytes(device) / input_bytes)))
 
 
 def _cycle(fns: list[Callable[[], object]]) -> Callable[[], object]:
@@ -395,6 +437,101 @@ def _scoring_cell(timer: Timer, device: str, shape: dict, dtype: torch.dtype) ->
     return rows
 
 
+def decode_lengths(kv_heads: int, mean: int, seed: int = 0) -> list[int]:
+    """Entries per KV head as per-head budgets leave them: spread evenly over [0.25, 1.75] x `mean` (shuffled by
+    `seed`), so that the padded buffer a dense layout needs is 1.75x the mean."""
+    spread = [0.25 + 1.5 * i / max(kv_heads - 1, 1) for i in range(kv_heads)] if kv_heads > 1 else [1.0]
+    order = torch.randperm(kv_heads, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [max(1, round(mean * spread[i])) for i in order]
+
+
+def bench_decode(timer: Timer, device: str, sizes: Sizes, copy_gbps: float | None) -> list[dict]:
+    rows = []
+    for batch, q_heads, kv_heads, head_dim, mean, dtype in sizes.decode:
+        lengths = decode_lengths(kv_heads, mean)
+        shape = {"batch": batch, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim, "mean": mean,
+                 "longest": max(lengths)}
+        try:
+            rows += _decode_cell(timer, device, shape, lengths, dtype, copy_gbps)
+        except torch.OutOfMemoryError:
+            rows.append({"kernel": "decode", "impl": "setup", "shape": shape, "status": "oom"})
+        _free(device)
+    return rows
+
+
+def _decode_cell(timer, device, shape, lengths, dtype, copy_gbps) -> list[dict]:
+    """One decode step of one layer: the packed kernel (or its CPU reference) over the entries the heads hold, with
+    and without the per-entry attention `score` needs, and SDPA over the padded (batch, kv_heads, longest, d)
+    buffer a dense layout holds (masked to each head's length) - the same attention, over more bytes."""
+    batch, q_heads, kv_heads, head_dim = shape["batch"], shape["q_heads"], shape["kv_heads"], shape["head_dim"]
+    elem = torch.tensor([], dtype=dtype).element_size()
+    longest = max(lengths)
+    # Head-major rows, as `prefixkv.packed` lays them out: head h's batch rows are contiguous.
+    starts = torch.tensor(
+        [[batch * sum(lengths[:h]) + b * lengths[h] for h in range(kv_heads)] for b in range(batch)], device=device
+    )
+    held = torch.tensor([lengths], device=device)
+    slots = batch * sum(lengths)
+    keys = torch.randn(slots, head_dim, device=device, dtype=dtype)
+    values = torch.randn_like(keys)
+    query = torch.randn(batch, q_heads, head_dim, device=device, dtype=dtype)
+    received = torch.zeros(slots, device=device)
+    padded_k = torch.zeros(batch, kv_heads, longest, head_dim, device=device, dtype=dtype)
+    padded_v = torch.zeros_like(padded_k)
+    for h, length in enumerate(lengths):
+        rows = slice(int(starts[0, h]), int(starts[0, h]) + batch * length)
+        padded_k[:, h, :length] = keys[rows].view(batch, length, head_dim)
+        padded_v[:, h, :length] = values[rows].view(batch, length, head_dim)
+    group = q_heads // kv_heads
+    mask = (torch.arange(longest, device=device) < held.T).repeat_interleave(group, 0)[None, :, None]
+    decode = kernels.decode_attention.packed_decode_attention
+    packed = "triton" if device == "cuda" else "ref"
+    impls = {
+        packed: lambda: decode(query, keys, values, starts, held, max_length=longest),
+        f"{packed}_score": lambda: decode(query, keys, values, starts, held, max_length=longest, received=received),
+        "sdpa_padded": lambda: F.scaled_dot_product_attention(
+            query[:, :, None], padded_k, padded_v, attn_mask=mask, enable_gqa=True
+        ),
+    }
+    held_bytes = 2 * slots * head_dim * elem  # keys and values, each entry read once
+    padded_bytes = 2 * batch * kv_heads * longest * head_dim * elem
+    io_bytes = 2 * query.numel() * elem  # the query read, the output written
+    rows, times = [], {}
+    for impl, fn in impls.items():
+        ms, peak, status = _measure(timer, device, fn)
+        times[impl] = ms
+        read = (padded_bytes if impl == "sdpa_padded" else held_bytes) + io_bytes
+        gbps = (held_bytes + io_bytes) / (ms * 1e-3) / 1e9 if ms else None
+        rows.append(
+            {
+                "kernel": "decode",
+                "impl": impl,
+                "shape": shape,
+                "dtype": str(dtype).removeprefix("torch."),
+                "kv_held_mb": held_bytes / 2**20,
+                "kv_padded_mb": padded_bytes / 2**20,
+                "bytes_moved": read,
+                "time_ms": ms,
+                "status": status,
+                "peak_mem_mb": peak,
+                # The KV bytes the heads hold, over the time: what a decode step must stream, whatever the layout.
+                "gbps": gbps,
+                "frac_copy_bw": gbps / copy_gbps if gbps and copy_gbps else None,
+                # The bytes this implementation actually reads (SDPA reads the padding too).
+                "read_gbps": read / (ms * 1e-3) / 1e9 if ms else None,
+            }
+        )
+    for row in rows:
+        if row["impl"] != "sdpa_padded" and row["time_ms"] and times.get("sdpa_padded"):
+            row["ratio_to_sdpa"] = row["time_ms"] / times["sdpa_padded"]
+        if row["impl"] == packed and device == "cuda":
+            row["config"] = kernels.decode_attention.autotuned_configs()["packed_decode_split"]
+            fraction = row["frac_copy_bw"]
+            large = held_bytes >= DECODE_MIN_COPY_FRACTION_BYTES
+            row["meets_target"] = None if fraction is None or not large else fraction >= DECODE_MIN_COPY_FRACTION
+    return rows
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -409,6 +546,8 @@ _SHAPE_KEYS = {
     "s_k": "sk",
     "head_dim": "d",
     "kept": "k",
+    "mean": "mean",
+    "longest": "max",
 }
 
 
@@ -463,24 +602,34 @@ def run(quick: bool = False, device: str | None = None) -> dict:
     else:
         sizes = CPU_QUICK_SIZES if quick else CPU_SIZES
         name = f"CPU {cpu_model()}"
-    timer = Timer(device, quick)
-    copy = copy_bandwidth(timer, device, sizes.copy_bytes, sizes.compact_dtype)
+    cache = last_level_cache_bytes(device)
+    timer = Timer(device, quick, flush_bytes=2 * cache)
+    copy_bytes = max(sizes.copy_bytes, COPY_CACHE_MULTIPLE * cache)
+    copy = copy_bandwidth(timer, device, copy_bytes, sizes.compact_dtype)
     _free(device)
     rows = [copy]
     rows += bench_compaction(timer, device, sizes, copy["gbps"])
     rows += bench_scoring(timer, device, sizes)
+    rows += bench_decode(timer, device, sizes, copy["gbps"])
     return {
         "device": name,
         "torch_device": device,
         "quick": quick,
         "timing": "triton.testing.do_bench median" if device == "cuda" else "time.perf_counter median",
         "kernels_timed": device == "cuda",
+        "torch_threads": torch.get_num_threads(),
         "copy_bandwidth_gbps": copy["gbps"],
+        "last_level_cache_bytes": cache,
+        "cold_cache": "do_bench clears the L2 between calls" if device == "cuda" else (
+            f"a {2 * cache / 2**20:.0f} MiB buffer is written before each timed call"
+        ),
         "targets": {
             "compact_min_copy_fraction": COMPACT_MIN_COPY_FRACTION,
             "compact_min_copy_fraction_cache_mb": COMPACT_MIN_COPY_FRACTION_BYTES / 2**20,
             "compact_min_speedup_vs_gather": COMPACT_MIN_SPEEDUP_VS_GATHER,
             "scores_max_ratio_to_sdpa": SCORES_MAX_RATIO_TO_SDPA,
+            "decode_min_copy_fraction": DECODE_MIN_COPY_FRACTION,
+            "decode_min_copy_fraction_kv_mb": DECODE_MIN_COPY_FRACTION_BYTES / 2**20,
         },
         "env": fingerprint(),
         "rows": rows,
@@ -491,7 +640,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     parser.add_argument("--quick", action="store_true", help="small sizes, fewer repetitions")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.exit(2, f"--threads must be >= 0, got {args.threads}\n")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = run(quick=args.quick)
     print_table(report)
     if args.out:

@@ -154,9 +154,11 @@ def cells(frame: pd.DataFrame) -> pd.DataFrame:
             "peak_memory_mib": _float(r.get("peak_memory_bytes")) / MIB,
             "peak_memory_source": r.get("peak_memory_source"),
             "kv_cache_mib": _float(r.get("kv_bytes_total")) / MIB,
+            "kv_allocated_mib": _float(r.get("kv_capacity_bytes_total")) / MIB,
             "token_agreement": _float(r.get("token_agreement")), "rouge_l": _float(r.get("rouge_l")),
             "perplexity": _float(r.get("perplexity")),
             "kept_per_layer": r.get("kept_per_layer"),
+            "kept_per_head": r.get("kept_per_head"),
             "telemetry_status": r.get("telemetry_status"),
         }
         row["workload"] = labels.workload(row["batch_size"], row["prompt_length"], row["new_tokens"],
@@ -364,7 +366,8 @@ def _fig_memory(c: pd.DataFrame, f: Figure) -> plt.Figure:
     groups = list(dict.fromkeys(zip(low["hardware"], low["model"], low["lengths"], strict=True)))
     many_hw = low["hardware"].nunique() > 1
     palette = _palette(c)
-    panels = [("peak_memory_mib", "peak memory (MiB)"), ("kv_cache_mib", "KV cache after generation (MiB)")]
+    panels = [("peak_memory_mib", "peak memory (MiB)"),
+              ("kv_cache_mib", "KV cache after generation (MiB)\nheld (filled), allocated (hollow)")]
     fig, axes = plt.subplots(len(groups), 2, figsize=(11.0, 3.3 * len(groups)), squeeze=False)
     for i, (hw, model, lengths) in enumerate(groups):
         g = low[(low["hardware"] == hw) & (low["model"] == model) & (low["lengths"] == lengths)]
@@ -378,6 +381,10 @@ def _fig_memory(c: pd.DataFrame, f: Figure) -> plt.Figure:
                 at = "" if m["is_full"].iloc[0] else f" @ {m['budget'].iloc[0]:g}"
                 ax.plot(m["batch_size"], m[y], marker="o", markersize=7, color=palette[method], label=method + at,
                         linestyle="--" if m["is_full"].iloc[0] else "-")
+                allocated = m.dropna(subset=["kv_allocated_mib"]) if y == "kv_cache_mib" else m.iloc[:0]
+                if not allocated.empty:  # hollow: the bytes allocated (planned decode slots included)
+                    ax.plot(allocated["batch_size"], allocated["kv_allocated_mib"], marker="o", markersize=9,
+                            markerfacecolor="none", linestyle=":", color=palette[method])
                 f.methods.add(method)
             if len(batches) > 2 and batches[-1] / batches[0] > 8:
                 ax.set_xscale("log", base=2)
@@ -470,9 +477,16 @@ def _fig_tradeoff(c: pd.DataFrame, f: Figure) -> plt.Figure:
     return fig
 
 
+def _heads_differ(kept_per_head) -> bool:
+    """Whether a row's [layer][kv_head] kept counts differ between the heads of some layer (per-head budgets)."""
+    if not isinstance(kept_per_head, list | np.ndarray) or len(kept_per_head) == 0:
+        return False
+    return any(len(set(np.asarray(layer).tolist())) > 1 for layer in kept_per_head)
+
+
 def _fig_kept(c: pd.DataFrame, f: Figure) -> list[plt.Figure]:
     """Per model: prompt entries kept per layer, every method and decode policy, at one workload (the longest
-    prompt at the smallest batch on the first hardware)."""
+    prompt at the smallest batch on the first hardware); one line per KV head where the heads' counts differ."""
     d = c[c["kept_per_layer"].map(lambda k: k is not None and len(k) > 0)]
     out = []
     for model, m in d.groupby("model", sort=False):
@@ -481,7 +495,12 @@ def _fig_kept(c: pd.DataFrame, f: Figure) -> list[plt.Figure]:
         m = m[m["batch_size"] == m["batch_size"].min()]
         rows = {}
         for _, r in m.iterrows():
-            rows[f"{r['method']} @ {r['budget']:g}"] = np.asarray(r["kept_per_layer"], dtype=float) / r["prompt_length"]
+            label = f"{r['method']} @ {r['budget']:g}"
+            if _heads_differ(r.get("kept_per_head")):
+                for head, kept in enumerate(zip(*r["kept_per_head"], strict=True)):
+                    rows[f"{label} · KV head {head}"] = np.asarray(kept, dtype=float) / r["prompt_length"]
+            else:
+                rows[label] = np.asarray(r["kept_per_layer"], dtype=float) / r["prompt_length"]
             f.methods.add(r["method"])
         matrix = pd.DataFrame(rows).T
         matrix.columns = [str(i) for i in range(matrix.shape[1])]
@@ -574,7 +593,9 @@ def figures(c: pd.DataFrame) -> list[Figure]:
         _make("memory", "Memory vs batch size",
               "Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the process's peak RSS, model and "
               "interpreter included (so compression barely moves it). KV cache: bytes held by all layers after "
-              "generation. Each method at its lowest budget in the store; the full cache dashed.", c, _fig_memory),
+              "generation (filled markers) and bytes allocated, planned decode slots included (hollow markers, "
+              "dotted; per-head budgets allocate the sum of what the heads keep). Each method at its lowest budget in "
+              "the store; the full cache dashed.", c, _fig_memory),
         _make("energy", "Energy per token", "Joules from NVML's total-energy counter over each timed call.", energy,
               _fig_energy, missing=None if not energy.empty else
               f"No energy data: energy comes from NVML, unavailable for these cells ({telemetry})."),
@@ -591,7 +612,8 @@ def figures(c: pd.DataFrame) -> list[Figure]:
               "and the model).", c, _fig_tradeoff),
         _make("kept", "Per-layer kept counts",
               "Prompt entries each layer keeps after compaction, as a fraction of the prompt: PrefixKV sizes layers "
-              "from their importance profile, the baselines keep the same fraction everywhere (or a pyramid).", c,
+              "from their importance profile, the baselines keep the same fraction everywhere (or a pyramid). With "
+              "per-head budgets (head_budgets=\"adaptive\") each KV head is its own line.", c,
               _fig_kept),
     ]
 

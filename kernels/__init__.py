@@ -5,6 +5,7 @@ This package imports only torch and triton; it never imports `prefixkv` or `benc
 """
 
 from kernels.compact import check_indices, compact_kv, compact_kv_into, compact_kv_ref
+from kernels.decode_attention import packed_decode_attention, packed_decode_attention_ref
 from kernels.scores import attention_scores, attention_scores_ref, kernels_available, reference_only
 
 __all__ = [
@@ -15,5 +16,7 @@ __all__ = [
     "compact_kv_into",
     "compact_kv_ref",
     "kernels_available",
+    "packed_decode_attention",
+    "packed_decode_attention_ref",
     "reference_only",
 ]

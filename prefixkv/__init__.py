@@ -16,6 +16,7 @@ from prefixkv.cache import CacheStats, CompressedLayer, PrefixKVCache
 from prefixkv.calibrate import calibrate
 from prefixkv.generation import GenerationOutput, attach, continuation_logprobs, generate, prefill_scores
 from prefixkv.methods import METHODS, Method, build_method, method_spec, parse_method_spec, split_method_specs
+from prefixkv.packed import PackedLayer
 from prefixkv.profile import Profile
 from prefixkv.scoring import key_importance
 from prefixkv.sweep import PrefilledPrompt, prefill, sweep_generate, sweep_logprobs
@@ -28,6 +29,7 @@ __all__ = [
     "GenerationOutput",
     "Method",
     "NullTimer",
+    "PackedLayer",
     "PrefilledPrompt",
     "PrefixKVCache",
     "Profile",

@@ -4,6 +4,9 @@ Every allocator has the signature `(scores, budget, *, min_keep=1, ...) -> list[
 of L per-layer 1-D non-negative tensors of equal length n, so that allocation is a swappable part of a method. The
 extra keywords describe protected entries (attention sinks, a recent window) that every layer holds before the
 allocator shares the rest: `layer_floor` turns them into a per-layer minimum that still meets the budget exactly.
+
+Per-head budgets (`head_budgets="adaptive"`): `prefix_allocation` over one distribution per (layer, KV head) sizes
+every head at once, and `head_allocation` shares one layer's total among its heads.
 """
 
 from __future__ import annotations
@@ -79,41 +82,88 @@ def prefix_allocation(
     layer's priority sequence, and the importance is renormalised over the *other* entries: otherwise a sink
     holding half of a layer's attention reaches p on its own and starves that layer. Every layer keeps at least
     `layer_floor(..., protected=protect.sum(), share=floor_share)` entries; the adaptive search shares the rest.
+
+    The "layers" may be any units sharing one budget: given one distribution per (layer, KV head), it allocates
+    per head (`head_budgets="adaptive"`), every head floored and protected as a layer is here.
     """
     layers, n = _check_scores(scores, min_keep)
     target = target_total(budget, n, layers, min_keep)
+    protect = _check_protect(protect, n)
+    floor = layer_floor(target, layers, n, min_keep=min_keep, protected=int(protect.sum()), share=floor_share)
+    priority, preceding = _ranked(scores, protect)
+    return _share(priority, preceding, target, floor)
+
+
+#: How `head_allocation` shares a layer's entries among its heads (see there).
+HEAD_CRITERIA = ("top", "prefix")
+
+
+def head_allocation(
+    scores: Sequence[torch.Tensor],
+    total: int,
+    *,
+    criterion: str = "top",
+    min_keep: int = 1,
+    protect: torch.Tensor | None = None,
+    floor_share: float = 0.0,
+) -> list[int]:
+    """Share one layer's `total` kept entries among its KV heads (one 1-D distribution each), exactly.
+
+    Every head keeps at least `layer_floor(total, heads, n, protected=protect.sum(), share=floor_share)` entries -
+    its protected ones and `floor_share` of the average head size, Ada-KV's safeguard (arXiv 2407.11550) - and the
+    rest goes where the heads' importance (renormalised over the unprotected entries, as in `prefix_allocation`)
+    asks for it: `criterion="top"` keeps the highest scores of all heads together (Ada-KV), `"prefix"` the entries
+    with the least preceding mass (PrefixKV's retention ratio, searched over the heads of one layer).
+    """
+    heads, n = _check_scores(scores, min_keep)
+    if criterion not in HEAD_CRITERIA:
+        raise ValueError(f"criterion must be one of {HEAD_CRITERIA}, got {criterion!r}")
+    low, high = heads * min(min_keep, n), heads * n
+    if isinstance(total, bool) or not isinstance(total, int) or not low <= total <= high:
+        raise ValueError(f"total must be an integer in [{low}, {high}] for {heads} heads of {n} entries, got {total!r}")
+    protect = _check_protect(protect, n)
+    floor = layer_floor(total, heads, n, min_keep=min_keep, protected=int(protect.sum()), share=floor_share)
+    priority, preceding = _ranked(scores, protect)
+    return _share(priority, preceding if criterion == "prefix" else -priority, total, floor)
+
+
+def _check_protect(protect: torch.Tensor | None, n: int) -> torch.Tensor:
     if protect is None:
-        protect = torch.zeros(n, dtype=torch.bool)
+        return torch.zeros(n, dtype=torch.bool)
     protect = protect.detach().cpu().bool()
     if protect.shape != (n,):
         raise ValueError(f"protect must be a ({n},) bool mask, got shape {tuple(protect.shape)}")
-    n_protected = int(protect.sum())
-    floor = layer_floor(target, layers, n, min_keep=min_keep, protected=n_protected, share=floor_share)
+    return protect
 
-    stacked = torch.stack([s.detach().double().cpu() for s in scores])  # (L, n)
+
+def _ranked(scores: Sequence[torch.Tensor], protect: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each unit's priority sequence: its importance renormalised over the unprotected entries and sorted in
+    descending order, protected entries first (as +inf); and the mass before each entry of it. Both (units, n)."""
+    stacked = torch.stack([s.detach().double().cpu() for s in scores])  # (units, n)
     stacked = stacked.masked_fill(protect, 0.0)
     totals = stacked.sum(-1, keepdim=True)
-    free = n - n_protected
-    # A layer with no mass left gets a flat distribution over its free entries: it has no preference to express.
+    free = protect.numel() - int(protect.sum())
+    # A unit with no mass left gets a flat distribution over its free entries: it has no preference to express.
     flat = torch.where(protect, 0.0, 1.0 / max(free, 1)).double().expand_as(stacked)
     normed = torch.where(totals > 0, stacked / totals.clamp_min(1e-300), flat)
-    # Protected entries first (score +inf, preceding mass 0), then the others by descending importance.
-    key = normed.masked_fill(protect, math.inf)
-    priority, _ = key.sort(dim=-1, descending=True)
+    priority, _ = normed.masked_fill(protect, math.inf).sort(dim=-1, descending=True)
     mass = priority.masked_fill(torch.isinf(priority), 0.0)
-    preceding = mass.cumsum(-1) - mass  # mass before each entry of the priority sequence
+    return priority, mass.cumsum(-1) - mass
 
-    # The first `floor` entries of every layer are kept regardless; the rest compete on their preceding mass.
-    rest = preceding[:, floor:].reshape(-1)
-    rest_score = priority[:, floor:].reshape(-1)
-    extra = target - layers * floor
-    counts = torch.full((layers,), floor, dtype=torch.long)
+
+def _share(priority: torch.Tensor, key: torch.Tensor, target: int, floor: int) -> list[int]:
+    """Counts per unit: the first `floor` entries of every priority sequence, then the `target - units * floor`
+    entries of smallest `key` among the rest, ties to the larger priority."""
+    units, n = priority.shape
+    counts = torch.full((units,), floor, dtype=torch.long)
+    extra = target - units * floor
     if extra > 0:
-        # Sort by preceding mass, then by the entry's own score (descending) to break ties: two stable sorts.
+        rest_key = key[:, floor:].reshape(-1)
+        rest_score = priority[:, floor:].reshape(-1)
+        # Sort by key, then by the entry's own score (descending) to break ties: two stable sorts.
         by_score = torch.argsort(-rest_score, stable=True)
-        order = by_score[torch.argsort(rest[by_score], stable=True)][:extra]
-        layer_of = order // (n - floor)
-        counts += torch.bincount(layer_of, minlength=layers)
+        order = by_score[torch.argsort(rest_key[by_score], stable=True)][:extra]
+        counts += torch.bincount(order // (n - floor), minlength=units)
     return counts.tolist()
 
 

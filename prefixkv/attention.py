@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from prefixkv.packed import PackedLayer
+
 NAME = "prefixkv"
 #: The attribute `bind` sets on each decoder attention module: the cache it reads and writes.
 BOUND = "_prefixkv_cache"
@@ -47,7 +49,9 @@ def attention(
     head_dim = query.shape[-1]
     scaling = 1.0 / math.sqrt(head_dim) if scaling is None else scaling
     layer = cache.layers[module.layer_idx]
-    if layer.compressed and query.shape[2] > 1:
+    if isinstance(layer, PackedLayer):  # per-head budgets: the packed layout's own decode attention
+        out = packed_attention(query, key, value, cache, scaling, layer)
+    elif layer.compressed and query.shape[2] > 1:
         out = chunk_attention(query, key, value, cache.chunk_steps, scaling, layer)
     elif layer.compressed:
         out = decode_attention(query, key, value, layer.valid(cache.step), scaling, layer)
@@ -112,6 +116,20 @@ def decode_attention(
     probs = logits.masked_fill(~valid, float("-inf")).softmax(-1)
     layer.accumulate_attention(probs.sum(2))
     return torch.matmul(probs.to(value.dtype), value).view(batch, q_heads, 1, head_dim)
+
+
+def packed_attention(query, key, value, cache, scaling: float, layer: PackedLayer) -> torch.Tensor:
+    """Attention of a packed layer (per-head budgets) after compression: a decode step (its token already written by
+    the cache) or a chunk of T tokens at steps `cache.chunk_steps`, whose rows run one at a time inside the layer,
+    each exactly as a decode step (write, then attend), as the `score` policy's chunks do below."""
+    if query.shape[2] == 1:
+        return layer.attend(query, scaling, cache.step)
+    rows = []
+    for t in range(query.shape[2]):
+        step = cache.chunk_steps[t : t + 1]
+        layer.write(key[:, :, t : t + 1], value[:, :, t : t + 1], step)
+        rows.append(layer.attend(query[:, :, t : t + 1].contiguous(), scaling, step))
+    return torch.cat(rows, dim=2)
 
 
 def chunk_attention(

@@ -44,6 +44,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kernels.compact import compact_kv_into
 from prefixkv.budget import check_budget, check_count
 from prefixkv.methods.base import Method
+from prefixkv.packed import PackedLayer
 from prefixkv.policy import EVICT, DecodePolicy, Grow, Plan
 from prefixkv.timer import Timer, check_timer
 
@@ -52,7 +53,9 @@ from prefixkv.timer import Timer, check_timer
 class CacheStats:
     """What the cache holds, per layer: prompt entries kept at compression, entries held now, bytes held
     (keys + values) and allocated, evictions during decoding; `positions` are the original positions held now,
-    (batch, kv_heads, held) ascending."""
+    (batch, kv_heads, held) ascending. Under per-head budgets (`prefixkv.packed`) `kept`, `held` and `evictions`
+    are means over a layer's KV heads, `positions` rows are padded with -1, and `kept_per_head` / `bytes_per_head`
+    ([layer][kv_head]) give each head's prompt entries kept and bytes held (keys + values, the whole batch)."""
 
     prompt_length: int
     kept: list[int]
@@ -63,6 +66,8 @@ class CacheStats:
     reallocations: int
     policy: str = "grow"
     positions: list[torch.Tensor] = field(repr=False, default_factory=list)
+    kept_per_head: list[list[int]] = field(default_factory=list)
+    bytes_per_head: list[list[int]] = field(default_factory=list)
 
     @property
     def kept_fraction(self) -> float:
@@ -292,6 +297,15 @@ class CompressedLayer(CacheLayerMixin):
         """Bytes allocated (keys + values), decode buffer included."""
         return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
 
+    def kept_per_head(self) -> list[int]:
+        """Prompt entries each KV head kept at compression (all heads alike here)."""
+        return [] if self.keys is None else [self.kept] * self.keys.shape[1]
+
+    def nbytes_per_head(self, steps: int) -> list[int]:
+        """Bytes of the entries each KV head holds (keys + values, the whole batch)."""
+        heads = len(self.kept_per_head())
+        return [self.nbytes(steps) // heads] * heads if heads else []
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Only consulted when another attention implementation builds a mask; the registered one masks each layer
         # by its own length (module docstring).
@@ -375,6 +389,7 @@ class PrefixKVCache(Cache):
                 self.advance()
                 for each in self.layers:
                     each.ensure_steps(self.steps)
+        layer = self.layers[layer_idx]  # compression may have replaced it (a packed layer, per-head budgets)
         out = layer.write(key_states, value_states, self.step)
         if not torch.compiler.is_compiling() and layer.history is not None:
             layer.history.append(layer.held_positions(self.steps))
@@ -463,12 +478,15 @@ class PrefixKVCache(Cache):
         keys = self.layers[layer_idx].keys
         return keys.new_zeros(keys.shape[:3], dtype=torch.float32)
 
-    def _compress_layer(self, layer_idx: int, keep: int) -> None:
+    def _compress_layer(self, layer_idx: int, keep: int | tuple[int, ...]) -> None:
         layer = self.layers[layer_idx]
         with self.timer.region("allocate"):
-            positions = self.method.select(self._scores(layer_idx), keep)
+            positions = self.method.keep_positions(self._scores(layer_idx), keep)
         with self.timer.region("compact"):
-            layer.compress(positions.to(layer.keys.device), self.method.policy)
+            if isinstance(positions, torch.Tensor):
+                layer.compress(positions.to(layer.keys.device), self.method.policy)
+            else:  # one count per KV head: the packed layout replaces the prefill layer
+                self.layers[layer_idx] = layer = PackedLayer.from_prefill(layer, positions, self.method.policy)
         self.scores.pop(layer_idx, None)
         if self.step is None:
             self.step = _static(torch.full((1,), -1, dtype=torch.long, device=layer.keys.device))
@@ -487,4 +505,6 @@ class PrefixKVCache(Cache):
             reallocations=sum(layer.reallocations for layer in self.layers),
             policy=self.method.policy.kind,
             positions=[layer.held_positions(self.steps) for layer in self.layers if layer.keys is not None],
+            kept_per_head=[layer.kept_per_head() for layer in self.layers],
+            bytes_per_head=[layer.nbytes_per_head(self.steps) for layer in self.layers],
         )

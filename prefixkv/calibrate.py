@@ -47,6 +47,9 @@ def calibrate(
     if "profile" in method_kwargs:
         raise ValueError("calibrate makes a profile; do not pass one")
     method = PrefixKV(min_keep=min_keep, **method_kwargs)
+    if method.head_budgets != "equal":
+        raise ValueError("a profile holds per-layer ratios: calibrate with equal head budgets, and use the profile "
+                         "with head_budgets='adaptive' to share each layer's entries among its heads")
     sums: dict[float, list[float]] = {}
     count = 0
     for inputs in samples:

@@ -78,6 +78,7 @@ def rows_for(cell: Cell, env: dict, *, base_tps: float, noise: float, rng: np.ra
             "device_name": H100 if gpu else None, "peak_memory_bytes": int(peak),
             "peak_memory_source": "torch.cuda.max_memory_allocated" if gpu else "process peak RSS",
             "kv_bytes_per_layer": kv, "kv_bytes_total": int(sum(kv)), "kept_per_layer": kept,
+            "kv_capacity_bytes_total": int(sum(kv)) + layers * cell.batch_size * 4096,
             "decode": cell.decode, "held_per_layer": [k + cell.new_tokens for k in kept], "evictions": 0,
             "kept_fraction": budget,
             "token_agreement": 1.0 if full else (rouge * 0.3 if trained else 0.003),

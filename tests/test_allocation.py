@@ -181,3 +181,91 @@ def test_sink_does_not_starve_a_layer():
 def test_layer_floor_rejects_bad_share():
     with pytest.raises(ValueError, match="floor share"):
         layer_floor(10, 2, 8, share=1.5)
+
+
+# --- per-head budgets: one layer's total shared among its heads; the global search over (layer, head) -----------
+
+from prefixkv.allocation import head_allocation  # noqa: E402
+from prefixkv.methods import build_method  # noqa: E402
+
+
+@pytest.mark.parametrize("criterion", ["top", "prefix"])
+@settings(max_examples=60, deadline=None)
+@given(case=protected_case(), data=st.data(), min_keep=st.integers(1, 4), share=st.floats(0.0, 1.0))
+def test_head_allocation_meets_the_total_floors_and_protects(criterion, case, data, min_keep, share):
+    heads, protect = case
+    n, count = heads[0].numel(), len(heads)
+    total = data.draw(st.integers(count * min(min_keep, n), count * n))
+    counts = head_allocation(heads, total, criterion=criterion, min_keep=min_keep, protect=protect, floor_share=share)
+    floor = layer_floor(total, count, n, min_keep=min_keep, protected=int(protect.sum()), share=share)
+    assert sum(counts) == total
+    assert all(floor <= k <= n for k in counts)
+    if total // count >= int(protect.sum()):
+        assert floor >= int(protect.sum())  # every head can hold its protected entries
+
+
+def test_head_allocation_follows_the_heads_concentration():
+    """A peaked head needs few entries, a flat one many: Ada-KV's top scores and PrefixKV's prefix agree on that."""
+    gen = torch.Generator().manual_seed(0)
+    peaked = torch.softmax(torch.randn(100, generator=gen) * 6, 0)
+    flat = torch.softmax(torch.randn(100, generator=gen) * 0.1, 0)
+    for criterion in ("top", "prefix"):
+        counts = head_allocation([peaked, flat], 60, criterion=criterion, floor_share=0.2)
+        assert counts[0] < counts[1] and sum(counts) == 60
+        assert min(counts) >= 6  # the floor: 0.2 of the average head size
+
+
+def test_head_allocation_rejects_a_bad_total_and_criterion():
+    heads = [torch.rand(10), torch.rand(10)]
+    with pytest.raises(ValueError, match=r"total must be an integer in \[2, 20\]"):
+        head_allocation(heads, 21)
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        head_allocation(heads, 5, criterion="max")
+
+
+@st.composite
+def head_scores(draw):
+    layers, heads = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    n = draw(st.integers(2, 60))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    temps = torch.tensor([[draw(st.floats(0.05, 5.0)) for _ in range(heads)] for _ in range(layers)])
+    return [torch.softmax(torch.randn(2, heads, n, generator=gen) / temps[i, :, None], -1) for i in range(layers)]
+
+
+@pytest.mark.parametrize("name", ["prefixkv", "uniform", "snapkv", "h2o"])
+@settings(max_examples=20, deadline=None)
+@given(scores=head_scores(), budget=budgets, sinks=st.integers(0, 3), recent=st.integers(0, 4))
+def test_adaptive_methods_meet_the_budget_exactly_with_protections(name, scores, budget, sinks, recent):
+    """Per-head budgets: PrefixKV's one search over every (layer, head) meets round(budget x n x layers x heads);
+    the others meet each layer's total and share it; every head is floored at its protected entries (as far as the
+    budget allows) and keeps them."""
+    kwargs = {"window": 2} if name == "snapkv" else {}
+    method = build_method(name, head_budgets="adaptive", per_kv_head=True, sinks=sinks, recent=recent, **kwargs)
+    layers, heads, n = len(scores), scores[0].shape[1], scores[0].shape[-1]
+    plan = method.plan(scores, budget)
+    counts = [[p.shape[-1] for p in layer] for layer in plan]
+    if name == "prefixkv":
+        assert sum(map(sum, counts)) == target_total_of(budget, n, layers * heads)
+    else:
+        sizes = method.allocate(scores, budget)
+        assert [sum(c) for c in counts] == [s * heads for s in sizes]
+    protect = method.protection(n, n, recent=method.protected - method.sinks)
+    n_protected = 0 if protect is None else int(protect.sum())
+    for layer in plan:
+        for positions in layer:
+            assert positions.shape[0] == 2 and (positions.diff(dim=-1) > 0).all()  # sorted, unique
+            keep = positions.shape[-1]
+            guarded = method.protection(n, keep, recent=method.protected - method.sinks)
+            if guarded is not None and name != "h2o":  # H2O's window follows each head's own count
+                kept = torch.zeros(2, n, dtype=torch.bool).scatter_(-1, positions, True)
+                assert kept[:, guarded].all()
+    # Every head holds its protected entries wherever its unit's share of the budget can pay for them.
+    if name == "prefixkv" and target_total_of(budget, n, layers * heads) // (layers * heads) >= n_protected:
+        assert min(map(min, counts)) >= n_protected
+    if name != "prefixkv":
+        for size, layer in zip(method.allocate(scores, budget), counts, strict=True):
+            assert size < n_protected or min(layer) >= n_protected
+
+
+def target_total_of(budget: float, n: int, units: int) -> int:
+    return max(units, min(units * n, round(budget * n * units)))

@@ -239,6 +239,25 @@ def test_memory_figure_shows_a_single_batch_size(cells):
         assert ax.get_ylim()[0] == 0
         assert [t.get_text() for t in ax.get_xticklabels()] == ["1"]
         assert all(line.get_marker() == "o" for line in ax.get_lines())
+    kv_lines = fig.axes[1].get_lines()  # the KV panel: each method's held bytes, then its allocated bytes (hollow)
+    held, allocated = kv_lines[0::2], kv_lines[1::2]
+    assert len(held) == len(allocated) > 1 and {line.get_markerfacecolor() for line in allocated} == {"none"}
+    assert all((a.get_ydata() > h.get_ydata()).all() for h, a in zip(held, allocated, strict=True))
+    report.plt.close(fig)
+
+
+def test_kept_figure_gives_each_kv_head_a_line_where_heads_differ():
+    per_head = [[30, 10], [20, 20]]
+    row = {"model": "tiny", "hardware": "cpu", "prompt_length": 100, "batch_size": 1, "workload": "b1", "budget": 0.2}
+    c = pd.DataFrame([
+        {**row, "method": "snapkv", "kept_per_layer": [20, 20], "kept_per_head": [[20, 20], [20, 20]]},
+        {**row, "method": "snapkv[head_budgets=adaptive]", "kept_per_layer": [20, 20], "kept_per_head": per_head},
+    ])
+    (fig,) = report._fig_kept(c, report.Figure("kept", "", ""))
+    heatmap = fig.axes[0]
+    adaptive = "snapkv[head_budgets=adaptive] @ 0.2 · KV head"
+    assert [t.get_text() for t in heatmap.get_yticklabels()] == ["snapkv @ 0.2", f"{adaptive} 0", f"{adaptive} 1"]
+    assert heatmap.collections[0].get_array().reshape(3, 2).tolist() == [[0.2, 0.2], [0.3, 0.2], [0.1, 0.2]]
     report.plt.close(fig)
 
 

@@ -21,11 +21,11 @@ def test_status_lists_every_phase(tmp_path, capsys):
     (tmp_path / "tests.done").write_text("exit 0\n")
     assert gpu_check.main(["--out", str(tmp_path), "--status"]) == 0
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
-    assert lines == {"tests": "done", "kernels": "to do", "headline": "to do", "long-context": "to do",
-                     "report": "to do"}
+    assert lines == {"tests": "done", "kernels": "to do", "headline": "to do", "head-budgets": "to do",
+                     "long-context": "to do", "report": "to do"}
 
 
-@pytest.mark.parametrize(("phase", "count"), [("headline", 7), ("long-context", 12)])
+@pytest.mark.parametrize(("phase", "count"), [("headline", 7), ("head-budgets", 2), ("long-context", 12)])
 def test_cells_of_each_phase(tmp_path, phase, count):
     keys = gpu_check._cell_keys(gpu_check.MATRICES[phase], tmp_path)
     assert len(keys) == count == len(set(keys))

@@ -36,7 +36,7 @@ def test_cli_quick_writes_json(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.kernels", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "bench.kernels", "--quick", "--threads", "1", "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -49,9 +49,15 @@ def test_cli_quick_writes_json(tmp_path):
     kinds = {(row["kernel"], row["impl"]) for row in report["rows"]}
     assert {("copy", "torch.copy_"), ("compact", "torch.gather"), ("compact", "index_select")} <= kinds
     assert {("scores", "sdpa_forward"), ("scores", "eager")} <= kinds
+    assert {("decode", "sdpa_padded")} <= kinds
+    # The copy that sets the bandwidth streams from memory: it spans several last-level caches.
+    copy = next(row for row in report["rows"] if row["kernel"] == "copy")
+    assert copy["shape"]["bytes"] >= 8 * report["last_level_cache_bytes"] > 0
+    assert report["cold_cache"] and report["torch_threads"] == 1
     for row in report["rows"]:
         assert row["status"] == "ok", row
         assert row["time_ms"] > 0
     if not torch.cuda.is_available():
         assert not report["kernels_timed"] and ("compact", "ref") in kinds and ("scores", "ref") in kinds
+        assert {("decode", "ref"), ("decode", "ref_score")} <= kinds
     assert "Kernel microbenchmarks" in proc.stdout

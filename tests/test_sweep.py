@@ -71,6 +71,14 @@ def test_sweep_equals_each_pair(llama, policy):
     _assert_sweep_equals_per_pair(llama, inputs, token_ids(2, 6), decode=policy, decode_recent=2)
 
 
+@pytest.mark.parametrize("policy", ["grow", "score"])
+def test_per_head_budgets_in_a_sweep_equal_each_pair(llama, policy):
+    """Packed layers (head_budgets='adaptive') compressed from the shared prefill, beside per-layer variants."""
+    inputs = text_inputs(batch=2, seq=PROMPT, seed=5)
+    methods = ["prefixkv[head_budgets='adaptive',per_kv_head=True]", "snapkv[head_budgets='adaptive']", "snapkv"]
+    _assert_sweep_equals_per_pair(llama, inputs, token_ids(2, 5, seed=4), methods=methods, decode=policy)
+
+
 def test_sweep_with_a_question_equals_each_pair(llama):
     inputs = text_inputs(batch=2, seq=PROMPT, seed=4)
     _assert_sweep_equals_per_pair(llama, inputs, token_ids(2, 5, seed=1), question=token_ids(2, 4, seed=2),

@@ -13,11 +13,14 @@ from typing import ClassVar
 
 import torch
 
-from prefixkv.allocation import uniform_allocation
+from prefixkv.allocation import head_allocation, uniform_allocation
 from prefixkv.budget import check_budget
 from prefixkv.methods.spec import method_spec
 from prefixkv.policy import decode_policy
 from prefixkv.scoring import key_importance
+
+#: The values of `Method.head_budgets`.
+HEAD_BUDGETS = ("equal", "adaptive")
 
 
 @dataclass
@@ -35,11 +38,19 @@ class Method:
             each layer's keep ratio by dropping the entry `decode_distance` places before the end of the compressed
             prompt, "score" drops the entry with the least attention from decode queries, sparing the
             `decode_recent` most recent ones.
+        head_budgets: "equal" (every KV head of a layer keeps the same number of entries) or "adaptive" (each KV
+            head keeps as many as its scores ask for: `split_heads` shares a layer's entries among its heads, or the
+            method's own allocation sizes every (layer, head) at once; needs `per_kv_head=True`). Adaptive layers
+            are stored packed (`prefixkv.packed`), so memory is the sum of what the heads keep, not the max.
     """
 
     name: ClassVar[str] = ""
     #: False for methods whose choice does not depend on attention (the scoring hooks then skip the queries).
     needs_scores: ClassVar[bool] = True
+    #: How `split_heads` shares a layer's entries among its KV heads (`prefixkv.allocation.head_allocation`):
+    #: "top" keeps the highest scores of all heads together (Ada-KV, arXiv 2407.11550).
+    head_criterion: ClassVar[str] = "top"
+
     #: The fields `score` reads. Methods whose `score` is defined by the same class and whose fields listed here are
     #: equal score every prompt identically (`scorer`), so one prefill scores it once for all of them. A subclass
     #: whose `score` reads other fields lists them.
@@ -52,6 +63,7 @@ class Method:
     decode: str = "grow"
     decode_distance: int = 0
     decode_recent: int = 8
+    head_budgets: str = "equal"
 
     def __post_init__(self) -> None:
         self.check_int("min_keep", 1)
@@ -67,6 +79,12 @@ class Method:
             self.policy = decode_policy(self.decode, self.decode_distance, self.decode_recent)
         except ValueError as err:
             raise ValueError(f"{self.name}: {err}") from None
+        if self.head_budgets not in HEAD_BUDGETS:
+            raise ValueError(f"{self.name}: head_budgets must be one of {HEAD_BUDGETS}, got {self.head_budgets!r}")
+        if self.head_budgets == "adaptive" and not self.needs_scores:
+            raise ValueError(f"{self.name}: head_budgets='adaptive' shares entries by their scores, and it scores none")
+        if self.head_budgets == "adaptive" and not self.per_kv_head:
+            raise ValueError(f"{self.name}: head_budgets='adaptive' needs per-KV-head scores: set per_kv_head=True")
 
     # --- validation helpers for subclasses ---------------------------------------------------------------------
 
@@ -113,6 +131,12 @@ class Method:
         return mask
 
     @property
+    def head_floor(self) -> float:
+        """Under `head_budgets="adaptive"`, the share of a layer's average head size every head keeps at least (0.2:
+        Ada-KV's safeguard)."""
+        return 0.2
+
+    @property
     def query_window(self) -> int | None:
         """How many of the prompt's last queries `score` needs (None: all of them)."""
         return None
@@ -151,8 +175,10 @@ class Method:
         scores = key_importance(queries, keys, per_kv_head=self.per_kv_head, lse=lse)
         return scores if self.per_kv_head else scores[:, None].expand(-1, keys.shape[1], -1)
 
-    def allocate(self, scores: Sequence[torch.Tensor], budget: float) -> list[int]:
-        """Kept entries per layer; `scores` is one (batch, kv_heads, n) tensor per layer."""
+    def allocate(self, scores: Sequence[torch.Tensor], budget: float) -> list[int | tuple[int, ...]]:
+        """Kept entries per layer; `scores` is one (batch, kv_heads, n) tensor per layer. An int is what each KV
+        head of the layer keeps (on average, under adaptive head budgets: `split_heads` shares them); a method whose
+        allocation is itself per head returns one count per KV head (a tuple)."""
         return uniform_allocation(layer_profiles(scores), budget, min_keep=self.min_keep, protected=self.protected)
 
     @property
@@ -171,13 +197,35 @@ class Method:
         """The `keep` entries to retain: (batch, kv_heads, keep) int64 positions, ascending; protected ones first."""
         return top_k_positions(scores, keep, protect=self.protection(scores.shape[-1], keep))
 
+    def split_heads(self, scores: torch.Tensor, keep: int) -> tuple[int, ...]:
+        """Per-KV-head counts of one layer whose heads keep `keep` entries on average (scores (batch, kv_heads, n)):
+        its `keep * kv_heads` entries shared by `head_criterion`, each head floored at its protected entries and at
+        `head_floor` of the average."""
+        n, heads = scores.shape[-1], scores.shape[1]
+        protect = self.protection(n, n, recent=self.protected - self.sinks)
+        counts = head_allocation(
+            head_profiles(scores), keep * heads, criterion=self.head_criterion, min_keep=self.min_keep,
+            protect=protect, floor_share=self.head_floor,
+        )
+        return tuple(counts)
+
+    def keep_positions(self, scores: torch.Tensor, keep: int | tuple[int, ...]) -> torch.Tensor | list[torch.Tensor]:
+        """The entries one layer keeps (scores (batch, kv_heads, n), `keep` as `allocate` gives it): `select`'s
+        (batch, kv_heads, keep) positions under equal head budgets; under adaptive ones, one (batch, k_h) tensor
+        per KV head, each chosen by `select` as a layer of one head."""
+        if self.head_budgets == "equal":
+            return self.select(scores, keep)
+        counts = keep if isinstance(keep, tuple) else self.split_heads(scores, keep)
+        return [self.select(scores[:, h : h + 1], count)[:, 0] for h, count in enumerate(counts)]
+
     # --- plumbing --------------------------------------------------------------------------------------------
 
-    def plan(self, scores: Sequence[torch.Tensor], budget: float) -> list[torch.Tensor]:
-        """Kept positions for every layer: a list of (batch, kv_heads, k_l) int64 tensors, ascending."""
+    def plan(self, scores: Sequence[torch.Tensor], budget: float) -> list[torch.Tensor | list[torch.Tensor]]:
+        """Kept positions for every layer: a (batch, kv_heads, k_l) int64 tensor per layer, ascending (one (batch,
+        k_lh) tensor per KV head under adaptive head budgets)."""
         budget = check_budget(budget)
         counts = self.allocate(scores, budget)
-        return [self.select(s, k) for s, k in zip(scores, counts, strict=True)]
+        return [self.keep_positions(s, k) for s, k in zip(scores, counts, strict=True)]
 
 
 def layer_profiles(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -191,6 +239,14 @@ def layer_profiles(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         flat = flat / flat.sum(-1, keepdim=True).clamp_min(1e-30)
         out.append(flat.mean(0).cpu())
     return out
+
+
+def head_profiles(scores: torch.Tensor) -> list[torch.Tensor]:
+    """One layer's 1-D importance distribution per KV head ((batch, kv_heads, n) scores): each row normalised to sum
+    1, then averaged over the batch (the sequences of a batch share one allocation)."""
+    flat = scores.float()
+    flat = flat / flat.sum(-1, keepdim=True).clamp_min(1e-30)
+    return list(flat.mean(0).cpu())
 
 
 def top_k_positions(scores: torch.Tensor, keep: int, *, protect: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from prefixkv.allocation import prefix_allocation
-from prefixkv.methods.base import layer_profiles
+from prefixkv.methods.base import head_profiles, layer_profiles
 from prefixkv.methods.uniform import Uniform
 from prefixkv.profile import Profile
 
@@ -29,6 +29,11 @@ class PrefixKV(Uniform):
     `profile` (a path to a calibration JSON, or a `Profile`) gives offline per-layer keep ratios: with it no search
     runs at inference. Without it the search runs online on the current prompt. Scores and selection as in
     `Uniform`. Scores: (batch, kv_heads, n).
+
+    With `head_budgets="adaptive"` (and `per_kv_head=True`) the online search runs over every (layer, KV head)
+    at once: one retention ratio, one budget of `round(budget x n x layers x kv_heads)` entries, and every head
+    protected and floored (at `layer_floor` of the average head size) as a layer is; with a profile, each layer's
+    calibrated total is shared among its heads by the same criterion.
     """
 
     name = "prefixkv"
@@ -45,12 +50,23 @@ class PrefixKV(Uniform):
             self.profile = Profile.load(self.profile)
 
     @property
+    def head_floor(self) -> float:
+        return self.layer_floor
+
+    @property
     def sizes_need_scores(self) -> bool:
         # Online, the search reads this prompt's scores; with a calibration profile the sizes are known up front.
         return self.profile is None
 
-    def allocate(self, scores: Sequence[torch.Tensor], budget: float) -> list[int]:
+    def allocate(self, scores: Sequence[torch.Tensor], budget: float) -> list[int | tuple[int, ...]]:
         n = scores[0].shape[-1]
+        if self.profile is None and self.head_budgets == "adaptive":
+            heads = scores[0].shape[1]
+            counts = prefix_allocation(
+                [p for s in scores for p in head_profiles(s)], budget, min_keep=self.min_keep,
+                protect=self.protection(n, n), floor_share=self.layer_floor,
+            )
+            return [tuple(counts[i : i + heads]) for i in range(0, len(counts), heads)]
         if self.profile is None:
             return prefix_allocation(
                 layer_profiles(scores), budget, min_keep=self.min_keep, protect=self.protection(n, n),

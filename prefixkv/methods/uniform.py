@@ -20,9 +20,13 @@ class Uniform(Method):
     entry is seen by one query, the first by all - so top-k tends to drop the end of a prompt: `recent` protects a
     window of it, and `visibility_norm=True` divides each entry's attention by the number of queries that could
     attend to it (n - j for entry j), which removes that bias from the scores themselves.
+
+    With `head_budgets="adaptive"` every layer keeps the same total, shared among its KV heads by PrefixKV's own
+    criterion (the shortest prefixes reaching one retention ratio, searched within the layer).
     """
 
     name = "uniform"
+    head_criterion = "prefix"
     score_fields = ("per_kv_head", "visibility_norm")
 
     sinks: int = 1
