@@ -10,14 +10,15 @@ import json
 from collections.abc import Mapping
 
 #: Models whose weights are trained, so that their outputs - and the quality figures computed from them - mean
-#: something. Every other named model has random weights (its quality figures compare noise with noise); `hf:`
-#: checkpoints are taken as trained.
+#: something. Every other named model has random weights (its quality figures compare noise with noise); your own
+#: checkpoints (`hf:<id or path>`, or a bare path) are taken as trained.
 TRAINED_MODELS = ("embedded", "smollm2-135m")
 
 
 def quality_known(model: str) -> bool:
     """True when `model`'s quality figures mean something (trained weights)."""
-    return model in TRAINED_MODELS or str(model).startswith("hf:")
+    # The suite's own specs have no slash; a checkpoint's id ("org/name") or path has one.
+    return model in TRAINED_MODELS or str(model).startswith("hf:") or "/" in str(model)
 
 
 @functools.lru_cache(maxsize=64)

