@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from bench import machine_load, quality
+from bench.byte_floor import byte_floor, decode_weight_bytes
 from bench.counters import StepCounters, compile_counters
 from bench.matrix import Cell
 from bench.models import build
@@ -245,42 +246,6 @@ def step_counters(prepared: Prepared) -> dict:
     }
 
 
-def decode_weight_bytes(model: torch.nn.Module) -> int:
-    """Parameter bytes a decode step reads: the text decoder and the LM head - not a vision tower or projector (run
-    once, in prefill), nor an untied input embedding (one row per token is read)."""
-    text = model.config.get_text_config(decoder=True)
-    tied = bool(getattr(text, "tie_word_embeddings", False))
-    skipped = ("vision", "multi_modal_projector") + (() if tied else ("embed_tokens",))
-    return sum(p.nbytes for name, p in model.named_parameters() if not any(s in name for s in skipped))
-
-
-def copy_bandwidth_gbps(device: str) -> float | None:
-    """GB/s of a 1 GiB device-to-device copy on `device` (read + write counted), timed as the kernel microbenchmark
-    times it (`bench.kernels.copy_bandwidth`: do_bench median); None if it could not run."""
-    from bench.kernels import Timer, copy_bandwidth
-
-    with torch.cuda.device(device):
-        row = copy_bandwidth(Timer("cuda", quick=True), "cuda", 1 << 30, torch.float16)
-    torch.cuda.empty_cache()
-    return row["gbps"]
-
-
-def byte_floor(prepared: Prepared, stats) -> dict:
-    """The decode step's byte floor on this GPU: decoder weights plus the mean KV cache held over the steps, over
-    the copy bandwidth measured now, in this process."""
-    bandwidth = copy_bandwidth_gbps(prepared.cell.device)
-    if not bandwidth:
-        return {"copy_bandwidth_gbps": None}
-    entry_bytes = [b / h if h else 0.0 for b, h in zip(stats.bytes, stats.held, strict=True)]
-    kv_mean = sum(e * (k + h) / 2 for e, k, h in zip(entry_bytes, stats.kept, stats.held, strict=True))
-    floor_bytes = decode_weight_bytes(prepared.model) + kv_mean
-    return {
-        "copy_bandwidth_gbps": bandwidth,
-        "decode_floor_bytes": int(floor_bytes),
-        "decode_floor_s": floor_bytes / (bandwidth * 1e9),
-    }
-
-
 def _new_tokens(prepared: Prepared, output) -> list[list[int]]:
     return [s[prepared.prompt_length:].tolist() for s in output.sequences]
 
@@ -392,7 +357,7 @@ def measure(cell: Cell, perturbation: Perturbation | None = None) -> list[dict]:
         "decode_weight_bytes": decode_weight_bytes(prepared.model),
     }
     if cell.device.startswith("cuda"):
-        shared.update(byte_floor(prepared, stats))
+        shared.update(byte_floor(prepared.cell.device, prepared.model, stats))
     return result_rows(prepared, timed_, shared)
 
 

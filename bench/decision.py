@@ -70,13 +70,18 @@ def memory_axis(cells: pd.DataFrame) -> str:
     return "peak_ratio" if gpu and cells["peak_ratio"].notna().any() else "kv_ratio"
 
 
+def _no_difference(e: Estimate) -> bool:
+    """A ratio with an interval that contains 1."""
+    return e.known and e.n >= 2 and e.lo <= 1.0 <= e.hi and e.lo < e.hi
+
+
 def _ratio(e: Estimate) -> str:
     """`1.23x [1.05-1.40]`, `no measurable difference [0.95-1.08x]`, or `1.23x (one repetition, no interval)`."""
     if not e.known:
         return "-"
     if e.n < 2:
         return f"{e.median:.2f}x (one repetition, no interval)"
-    if e.lo <= 1.0 <= e.hi and e.lo < e.hi:
+    if _no_difference(e):
         return f"no measurable difference [{e.lo:.2f}-{e.hi:.2f}x]"
     return f"{e.median:.2f}x [{e.lo:.2f}-{e.hi:.2f}]"
 
@@ -92,7 +97,12 @@ def _loss(row: pd.Series) -> str:
 def _costs(row: pd.Series, axis: str) -> str:
     basis = {"paired": "paired in the same process", "same run": "same run",
              "across runs": "across runs: see the warning"}.get(row.get("ratio_basis"), "")
-    parts = [f"decode {_ratio(row['speed_ratio'])} the full cache's" + (f" ({basis})" if basis else "")]
+    ratio = row["speed_ratio"]
+    if _no_difference(ratio):
+        speed = f"no measurable difference in decode speed [{ratio.lo:.2f}-{ratio.hi:.2f}x the full cache's]"
+    else:
+        speed = f"decode {_ratio(ratio)} the full cache's"
+    parts = [speed + (f" ({basis})" if basis else "")]
     # On a GPU both memories say something; on a CPU the peak is the process's RSS (interpreter and model).
     for column in (axis, "kv_ratio") if axis == "peak_ratio" else (axis,):
         value = row.get(column, math.nan)
@@ -185,6 +195,8 @@ def _without_full(cells: pd.DataFrame, tolerance: float | None) -> Verdict:
 
 def verdicts(cells: pd.DataFrame, quality_known: bool, tolerances: Sequence[float] = TOLERANCES) -> list[Verdict]:
     """One verdict per tolerance where quality is known, else one cost-only verdict."""
+    if len(cells) and cells["is_full"].all():
+        return [Verdict(None, "Only the full cache ran for this workload: no compressed cell to compare with.")]
     if not quality_known:
         return [recommend(cells, None)]
     return [recommend(cells, t) for t in tolerances]

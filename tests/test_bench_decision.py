@@ -54,7 +54,7 @@ def test_memory_decides_when_speed_cannot():
                       {"full@1": 0.0, "prefixkv@0.2": 0.1, "h2o@0.5": 0.05})
     verdict = decision.recommend(noisy, 0.3)
     assert verdict.choice == "prefixkv@0.2" and "to save memory" in verdict.text
-    assert "no measurable difference [" in verdict.text and "0.20x its KV cache" in verdict.text
+    assert "no measurable difference in decode speed [" in verdict.text and "0.20x its KV cache" in verdict.text
     assert decision.recommend(noisy, 0.07).choice == "h2o@0.5"
 
 
@@ -159,3 +159,49 @@ def test_quality_engine_intervals_decide_where_present(stores):
     assert detail.columns == ["cell", "continuation", "qa"] and len(detail.rows) == 4
     [line] = headlines(table)
     assert "at quality loss <= 0.1 (nats/token): snapkv@0.5" in line and "quality loss at most 0.08" in line
+
+
+def _machine_of(*workloads: tuple[str, pd.DataFrame]) -> pd.DataFrame:
+    """`_workload` frames as the workloads of one trained CPU machine."""
+    frames = []
+    for name, frame in workloads:
+        frames.append(frame.assign(hardware="CPU: test", workload_id=name, workload=name, model="embedded",
+                                   quality_known=True))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_the_summary_names_the_workloads_where_a_method_ran():
+    speeds = {"full@1": [100, 101, 99, 100], "prefixkv@0.5": [150, 151, 149, 150]}
+    both = _workload({**speeds, "h2o@0.5": [120, 121, 119, 120]},
+                     {"full@1": 0.0, "prefixkv@0.5": 0.05, "h2o@0.5": 0.05})
+    one = _workload(speeds, {"full@1": 0.0, "prefixkv@0.5": 0.05})
+    [line] = headlines(_machine_of(("b1", both), ("b4", one)))
+    # prefixkv ran in both workloads and h2o in one: the one that ran in more decides, and the line says where.
+    assert "at quality loss <= 0.1 (1 - ROUGE-L): prefixkv@0.5, 1.50x" in line
+    assert "(in each of its 2 workloads)" in line
+    # prefixkv ran in b1 only, h2o in both but too lossy: prefixkv decides, on the workload where it ran.
+    lossy_h2o = {"full@1": 0.0, "prefixkv@0.5": 0.05, "h2o@0.5": 0.6}
+    b4 = _workload({"full@1": speeds["full@1"], "h2o@0.5": [120, 121, 119, 120]}, lossy_h2o)
+    [line] = headlines(_machine_of(("b1", _workload({**speeds, "h2o@0.5": [120, 121, 119, 120]}, lossy_h2o)),
+                                   ("b4", b4)))
+    assert "at quality loss <= 0.1 (1 - ROUGE-L): prefixkv@0.5" in line
+    assert "(ran in 1 of the 2 workloads: embedded b1)" in line
+
+
+def test_the_summary_says_where_a_method_falls_short():
+    good = _workload({"full@1": [100, 101, 99, 100], "prefixkv@0.5": [150, 151, 149, 150]},
+                     {"full@1": 0.0, "prefixkv@0.5": 0.05})
+    lossy = _workload({"full@1": [100, 101, 99, 100], "prefixkv@0.5": [150, 151, 149, 150]},
+                      {"full@1": 0.0, "prefixkv@0.5": 0.4})
+    [line] = headlines(_machine_of(("b1", good), ("b4", lossy)))
+    assert "at quality loss <= 0.5 (1 - ROUGE-L): prefixkv@0.5" in line
+    assert ("Nothing qualifies at <= 0.3: prefixkv@0.5 qualifies on 1 of the 2 workloads where it ran, not on "
+            "embedded b4: quality loss 0.40") in line
+
+
+def test_a_workload_where_only_the_full_cache_ran_says_so():
+    alone = _workload({"full@1": [100, 101, 99, 100]}, {"full@1": 0.0})
+    [verdict] = decision.verdicts(alone, quality_known=True)
+    assert verdict.choice is None and "Only the full cache ran for this workload" in verdict.text
+    [line] = headlines(_machine_of(("b1", alone)))
+    assert "no workload has both a successful full-cache cell and a compressed one" in line

@@ -2,11 +2,11 @@
 quality tolerance at which one qualifies - or why nothing beats the full cache.
 
 A method@budget qualifies at tolerance X on a machine when, in every workload of that machine where it ran beside a
-full-cache cell (it must have run in all of them), it is within X by the per-workload rule of `bench.decision`
-(`quality_loss_hi <= X`), not measurably slower than the full cache, and either measurably faster or smaller in
-memory. Among those that qualify: the one measurably faster everywhere first, then the highest worst-case speed
-ratio, then the least memory. Trained models decide where the machine has any; a machine with random-weight models
-only is ranked by cost.
+full-cache cell, it is within X by the per-workload rule of `bench.decision` (`quality_loss_hi <= X`), not measurably
+slower than the full cache, and either measurably faster or smaller in memory. Among those that qualify: the one that
+ran in the most workloads first (the line says in how many of them), then the one measurably faster everywhere,
+then the highest worst-case speed ratio, then the least memory. Trained models decide where the machine has any; a
+machine with random-weight models only is ranked by cost.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ def _qualifies(row: pd.Series, tolerance: float | None, axis: str) -> bool:
 
 
 def _candidates(scope: list[pd.DataFrame]) -> dict[str, list[tuple[pd.Series, str]]]:
-    """label -> (cell, memory axis) in each workload of `scope`, for the labels that ran in all of them."""
+    """label -> (cell, memory axis) in each workload of `scope` where that label ran."""
     found: dict[str, list[tuple[pd.Series, str]]] = {}
     for workload in scope:
         axis = memory_axis(workload)
         for _, row in workload[~workload["is_full"]].iterrows():
             found.setdefault(row["label"], []).append((row, axis))
-    return {label: items for label, items in found.items() if len(items) == len(scope)}
+    return found
 
 
 def _span(values: list[float], fmt: str) -> str:
@@ -47,7 +47,7 @@ def _span(values: list[float], fmt: str) -> str:
     return fmt.format(low) if fmt.format(low) == fmt.format(high) else f"{fmt.format(low)}-{fmt.format(high)}"
 
 
-def _describe(label: str, items: list[tuple[pd.Series, str]], quality: bool) -> str:
+def _describe(label: str, items: list[tuple[pd.Series, str]], quality: bool, workloads: int) -> str:
     ratios = [row["speed_ratio"] for row, _ in items]
     medians = [r.median for r in ratios]
     if all(map(faster, ratios)):
@@ -61,8 +61,11 @@ def _describe(label: str, items: list[tuple[pd.Series, str]], quality: bool) -> 
     if quality:
         losses = [row["quality_loss_hi"] for row, _ in items]
         text += f", quality loss at most {max(losses):.2f}"
-    if len(items) > 1:
-        text += f" (in each of its {len(items)} workloads)"
+    if len(items) == workloads and workloads > 1:
+        text += f" (in each of its {workloads} workloads)"
+    elif len(items) < workloads:
+        models = ", ".join(dict.fromkeys(f"{row['model']} {row['workload']}" for row, _ in items))
+        text += f" (ran in {len(items)} of the {workloads} workloads: {models})"
     return text
 
 
@@ -75,10 +78,11 @@ def _best(scope: list[pd.DataFrame], tolerance: float | None) -> str | None:
     def rank(label: str) -> tuple:
         items = qualified[label]
         ratios = [row["speed_ratio"] for row, _ in items]
-        return (all(map(faster, ratios)), min(r.median for r in ratios), -max(row[axis] for row, axis in items))
+        return (len(items), all(map(faster, ratios)), min(r.median for r in ratios),
+                -max(row[axis] for row, axis in items))
 
     label = max(qualified, key=rank)
-    return _describe(label, qualified[label], tolerance is not None)
+    return _describe(label, qualified[label], tolerance is not None, len(scope))
 
 
 def _why_not(scope: list[pd.DataFrame], tolerance: float | None) -> str:
@@ -94,16 +98,30 @@ def _why_not(scope: list[pd.DataFrame], tolerance: float | None) -> str:
     if inside["speed_ratio"].map(slower).all():
         medians = [e.median for e in inside["speed_ratio"]]
         return f"every compressed cell within it is measurably slower ({_span(medians, '{:.2f}')}x)"
-    if len(scope) > 1:
-        return "no single method@budget qualifies in every workload (each workload's verdicts follow)"
+    # Some method@budget qualifies in one workload but not in another: name the closest and where it falls short.
+    for label, items in sorted(_candidates(scope).items(), key=lambda kv: -len(kv[1])):
+        good = [row for row, axis in items if _qualifies(row, tolerance, axis)]
+        if good:
+            short = [row for row, axis in items if not _qualifies(row, tolerance, axis)]
+            where = "; ".join(f"{row['model']} {row['workload']}: {_shortfall(row, tolerance)}" for row in short)
+            return f"{label} qualifies on {len(good)} of the {len(items)} workloads where it ran, not on {where}"
     return "no compressed cell within it is measurably faster or smaller than the full cache"
 
 
+def _shortfall(row: pd.Series, tolerance: float | None) -> str:
+    if tolerance is not None and not row["quality_loss_hi"] <= tolerance + 1e-9:
+        return f"quality loss {row['quality_loss_hi']:.2f}"
+    if slower(row["speed_ratio"]):
+        return f"measurably slower ({row['speed_ratio'].median:.2f}x)"
+    return "neither faster nor smaller"
+
+
 def _machine(hardware: str, cells: pd.DataFrame) -> str:
-    workloads = [w for _, w in cells.groupby("workload_id", sort=False) if w["is_full"].any()]
+    workloads = [w for _, w in cells.groupby("workload_id", sort=False)
+                 if w["is_full"].any() and not w["is_full"].all()]
     if not workloads:
-        return (f"On {hardware}: no workload has a successful full-cache cell, so no method is compared with it "
-                "(the verdicts below rank the cells that ran by absolute speed).")
+        return (f"On {hardware}: no workload has both a successful full-cache cell and a compressed one, so no "
+                "method is compared with the full cache (the verdicts below say what ran).")
     trained = [w for w in workloads if w["quality_known"].iloc[0]]
     scope = trained or workloads
     if not trained:
