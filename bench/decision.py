@@ -217,5 +217,7 @@ def speed_note(cells: pd.DataFrame) -> str | None:
         return (f"{n_slower} of {len(ratios)} compressed cells were measurably slower than the full cache, "
                 f"{n_faster} measurably faster (ratios {span}; the rest show no measurable difference).")
     if not n_faster:
+        if len(ratios) == 1:
+            return f"The compressed cell was not measurably faster or slower than the full cache (ratio {span})."
         return f"No compressed cell was measurably faster or slower than the full cache (ratios {span})."
     return None

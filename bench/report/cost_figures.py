@@ -92,6 +92,7 @@ def kept(cells: pd.DataFrame, figure: Figure) -> list[plt.Figure]:
                     cbar_kws={"label": "kept fraction of the prompt"}, annot_kws={"fontsize": 7})
         ax.set_xlabel("layer")
         ax.set_ylabel("")
+        ax.tick_params(axis="y", labelrotation=0)  # seaborn turns the labels of a short heatmap upright: they overlap
         first = rows.iloc[0]
         ax.set_title(f"Prompt entries kept per layer: {model}, {first['workload']}, {first['hardware']}", fontsize=10)
         drawing.tight_layout()

@@ -42,7 +42,7 @@ def all_figures(cells: pd.DataFrame) -> list[Figure]:
              "per workload (batch sizes are rows); the full cache dashed.", cells, budget_figures.memory),
         make("energy", "Energy per token", "Joules from NVML's total-energy counter over each timed call.", energy,
              budget_figures.energy, missing=None if not energy.empty else
-             f"No energy data: energy comes from NVML, unavailable for these cells ({telemetry})."),
+             f"No energy data: energy comes from NVML, unavailable for these cells - {telemetry}."),
         make("quality", "Quality vs budget",
              "Quality loss against the full cache (the quality engine's, with its paired interval, where the rows "
              "carry it; else 1 - ROUGE-L of the generated tokens against the full cache's), ROUGE-L, and the "
