@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from bench.kernels import cpu_last_level_cache_bytes
 from kernels import attention_scores_ref, compact_kv_ref
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,4 +55,22 @@ def test_cli_quick_writes_json(tmp_path):
         assert row["time_ms"] > 0
     if not torch.cuda.is_available():
         assert not report["kernels_timed"] and ("compact", "ref") in kinds and ("scores", "ref") in kinds
+        # Inputs that fit in the last-level cache are read from it: no fraction of a copy beyond the cache.
+        llc = cpu_last_level_cache_bytes()
+        [copy] = [row for row in report["rows"] if row["kernel"] == "copy"]
+        assert copy["shape"]["bytes"] >= llc
+        for row in (row for row in report["rows"] if row["kernel"] == "compact"):
+            resident = row["cache_mb"] * 2**20 * row["inputs_rotated"] <= llc
+            assert row["cache_resident"] == resident and (row["frac_copy_bw"] is None or not resident)
+            if resident:
+                assert "in cache" in proc.stdout
     assert "Kernel microbenchmarks" in proc.stdout
+
+
+def test_last_level_cache_size_from_sysfs(tmp_path):
+    for index, (level, size) in enumerate([("1", "32K"), ("2", "512K"), ("3", "8192K")]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(level + "\n")
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert cpu_last_level_cache_bytes(tmp_path) == 8 * 2**20
+    assert cpu_last_level_cache_bytes(tmp_path / "missing") == 0
