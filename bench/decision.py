@@ -143,7 +143,7 @@ def recommend(cells: pd.DataFrame, tolerance: float | None) -> Verdict:
         scored = compressed.dropna(subset=["quality_loss_hi"])
         if not scored.empty:
             closest = scored.loc[scored["quality_loss_hi"].idxmin()]
-            text += f" (the closest, {closest['label']}, has {_loss(closest)})"
+            text += f": the closest, {closest['label']}, has {_loss(closest)}"
         return Verdict(tolerance, text + ".")
     quality_order = ["quality_loss", axis] if tolerance is not None else [axis]
     quick = pool[pool["speed_ratio"].map(faster)]

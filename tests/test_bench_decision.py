@@ -205,3 +205,12 @@ def test_a_workload_where_only_the_full_cache_ran_says_so():
     assert verdict.choice is None and "Only the full cache ran for this workload" in verdict.text
     [line] = headlines(_machine_of(("b1", alone)))
     assert "no workload has both a successful full-cache cell and a compressed one" in line
+
+
+def test_where_speed_cannot_decide_the_summary_and_the_verdict_agree_on_memory():
+    noisy = _workload({"full@1": [100, 160, 70], "uniform@0.5": [130, 100, 170], "h2o@0.2": [110, 95, 150]},
+                      {"full@1": 0.0, "uniform@0.5": 0.05, "h2o@0.2": 0.05})
+    verdict = decision.recommend(noisy, 0.1)
+    [line] = headlines(_machine_of(("b1", noisy)))
+    # uniform's noisy median is higher, but neither interval clears 1: the smaller cache decides in both.
+    assert verdict.choice == "h2o@0.2" and "at quality loss <= 0.1 (1 - ROUGE-L): h2o@0.2" in line

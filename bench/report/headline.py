@@ -5,7 +5,8 @@ A method@budget qualifies at tolerance X on a machine when, in every workload of
 full-cache cell, it is within X by the per-workload rule of `bench.decision` (`quality_loss_hi <= X`), not measurably
 slower than the full cache, and either measurably faster or smaller in memory. Among those that qualify: the one that
 ran in the most workloads first (the line says in how many of them), then the one measurably faster everywhere,
-then the highest worst-case speed ratio, then the least memory. Trained models decide where the machine has any; a
+then (among those) the highest worst-case speed ratio, then the least memory, then the least quality loss - the
+per-workload rule's order where speed does not decide. Trained models decide where the machine has any; a
 machine with random-weight models only is ranked by cost.
 """
 
@@ -78,8 +79,11 @@ def _best(scope: list[pd.DataFrame], tolerance: float | None) -> str | None:
     def rank(label: str) -> tuple:
         items = qualified[label]
         ratios = [row["speed_ratio"] for row, _ in items]
-        return (len(items), all(map(faster, ratios)), min(r.median for r in ratios),
-                -max(row[axis] for row, axis in items))
+        everywhere = all(map(faster, ratios))
+        # A median ratio whose interval holds 1 is noise: then memory decides, then quality, as in each workload.
+        speed = min(r.median for r in ratios) if everywhere else 0.0
+        loss = max(0.0 if pd.isna(row.get("quality_loss")) else row["quality_loss"] for row, _ in items)
+        return (len(items), everywhere, speed, -max(row[axis] for row, axis in items), -loss)
 
     label = max(qualified, key=rank)
     return _describe(label, qualified[label], tolerance is not None, len(scope))
