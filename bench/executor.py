@@ -16,7 +16,6 @@ finishes; the runner (`bench.runner.sweep`) alone writes the store, under its lo
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from abc import ABC, abstractmethod
@@ -26,12 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import isolation
+from bench.isolation import CELL_ENTRY
 from bench.matrix import Cell
 
 RAY_MISSING = "--executor ray needs Ray, which is not installed: pip install 'prefixkv-bench[fleet]'"
-#: Environment variables of the driver that travel with every Ray task: the cell's test hooks (see bench/cell.py), so
-#: that they act on a Ray worker as they do under the local executor.
-_FORWARDED_PREFIX = "BENCH_TEST_"
 
 
 class ExecutorError(RuntimeError):
@@ -57,6 +54,9 @@ class Executor(ABC):
     `start` and `close`): `close` stops whatever is still running."""
 
     name: str
+    #: The module each cell's process runs, with its extra arguments (`bench.isolation.CELL_ENTRY`); an executor built
+    #: with another entry perturbs its cells on purpose (`bench.injected_cell`, or a test's own module).
+    entry: tuple[str, ...] = CELL_ENTRY
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Connect or prepare; idempotent."""
@@ -91,9 +91,11 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def __init__(self, python: str = sys.executable) -> None:
+    def __init__(self, python: str = sys.executable, entry: Sequence[str] | None = None) -> None:
         self.python = python
         self.env: dict | None = None
+        if entry is not None:
+            self.entry = tuple(entry)
 
     def start(self) -> None:
         if self.env is None:
@@ -109,7 +111,7 @@ class LocalExecutor(Executor):
         self.start()
         for cell in cells:
             on_progress(cell.label)
-            status, rows, error = isolation.run_cell(cell, self.python, scratch)
+            status, rows, error = isolation.run_cell(cell, self.python, scratch, self.entry)
             yield Finished(cell, status, rows, error, self.env)
 
 
@@ -130,7 +132,7 @@ def task_options(cell: Cell, resources: Mapping[str, float] | None = None) -> di
     return options
 
 
-def _cell_task(cell_json: str) -> dict:
+def _cell_task(cell_json: str, entry: Sequence[str]) -> dict:
     """A cell on a Ray worker: the same subprocess isolation as the local executor (`run_cell`), so that whatever kills
     the cell leaves the worker alive; returns the rows with this machine's fingerprint."""
     import ray
@@ -139,7 +141,7 @@ def _cell_task(cell_json: str) -> dict:
 
     cell = Cell.from_json(cell_json)
     env = fingerprint()
-    status, rows, error = isolation.run_cell(cell)
+    status, rows, error = isolation.run_cell(cell, entry=entry)
     context = ray.get_runtime_context()
     return {"status": status, "rows": rows, "error": error, "env": env, "host": socket.gethostname(),
             "node": context.get_node_id(), "resources": context.get_assigned_resources()}
@@ -165,7 +167,9 @@ class RayExecutor(Executor):
     probe_timeout_s = 300.0
 
     def __init__(self, address: str | None = None, resources: Mapping[str, float] | None = None,
-                 init_kwargs: Mapping[str, object] | None = None) -> None:
+                 init_kwargs: Mapping[str, object] | None = None, entry: Sequence[str] | None = None) -> None:
+        if entry is not None:
+            self.entry = tuple(entry)
         self.address = address
         self.resources = dict(resources or {})
         self.init_kwargs = dict(init_kwargs or {})
@@ -288,11 +292,9 @@ class RayExecutor(Executor):
         from ray import exceptions as rex
 
         task = ray.remote(_cell_task)
-        forwarded = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_PREFIX)}
-        extra = {"runtime_env": {"env_vars": forwarded}} if forwarded else {}
 
         def submit(cell: Cell, attempt: int) -> None:
-            ref = task.options(**task_options(cell, self.resources), **extra).remote(cell.to_json())
+            ref = task.options(**task_options(cell, self.resources)).remote(cell.to_json(), self.entry)
             self._pending[ref] = (cell, attempt)
 
         for cell in cells:

@@ -5,12 +5,13 @@
 Each trial runs the same small matrix for a baseline and for every current side - the unchanged code (the A/A pair)
 and the code with an injected decode slowdown of each size - in interleaved rounds, as `nox -s regress` does, then
 judges each current side against the baseline with `bench.compare` at the given factor and alpha. The slowdown is
-injected with the cell's test hook BENCH_TEST_SLOW_DECODE (a sleep before every decode step), sized from the
-baseline's own first lower-decile step (a sleep overshoots on a loaded machine, so the measured change is reported
-too). `--counter-hook NAME=VALUE` sets an environment variable on one more current side, for a cell hook that adds
-work per decode step (the counter layer's target). Prints, per side, how many trials the gate flagged and the
-distribution of the measured change and A/A spread, and writes it all to OUT/trials.json. `--rejudge OUT` judges
-the stores of an earlier run again (a changed rule or factor) without measuring anything.
+injected by running the current side's cells through `bench.injected_cell` (a sleep before every decode step of the
+method, never of the full-cache reference beside it), sized from the baseline's own first lower-decile step (a sleep
+overshoots on a loaded machine, so the measured change is reported too). `--extra-decode-work` adds one more current
+side whose every decode step runs one more allocation and kernel (the counter layer's target). Prints, per side, how
+many trials the gate flagged and the distribution of the measured change and A/A spread, and writes it all to
+OUT/trials.json. `--rejudge OUT` judges the stores of an earlier run again (a changed rule or factor) without
+measuring anything.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 
+from bench import injected_cell, isolation, runner, store
 from bench import matrix as matrix_mod
-from bench import runner, store
 from bench.compare import METRICS, compare
+from bench.executor import LocalExecutor
 
 DECODE = next(iter(METRICS))  # the decode-step metric
 
@@ -50,23 +51,8 @@ timeout_s = 300
 """
 
 
-@contextmanager
-def _env(**values: str):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _run(cells, results: Path, quiet: Console, **env: str) -> None:
-    with _env(**env):
-        outcomes = runner.sweep(cells, results, console=quiet)
+def _run(cells, results: Path, quiet: Console, entry: tuple[str, ...]) -> None:
+    outcomes = runner.sweep(cells, results, console=quiet, executor=LocalExecutor(entry=entry))
     bad = [o for o in outcomes if o.status not in ("ok", "skipped")]
     if bad:
         raise SystemExit(f"gate_trials: a cell failed ({bad[0].status}: {bad[0].error}); results in {results}")
@@ -81,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.01, help="the gate's --alpha")
     parser.add_argument("--mode", default="auto", choices=("auto", "absolute", "ratio"))
     parser.add_argument("--matrix", help="matrix TOML (default: a one-cell tiny-llava matrix, see MATRIX)")
-    parser.add_argument("--counter-hook", help="NAME=VALUE: one more current side with this cell hook set")
+    parser.add_argument("--extra-decode-work", action="store_true",
+                        help="one more current side with an extra allocation and kernel in every decode step")
     parser.add_argument("--out", help="folder for the stores and trials.json (default: a new temporary folder)")
     parser.add_argument("--rejudge", metavar="OUT", help="judge an earlier run's stores again; measure nothing")
     args = parser.parse_args(argv)
@@ -100,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
     console = Console(stderr=True)
 
-    sides: dict[str, dict[str, str]] = {"A/A": {}}
+    sides: dict[str, tuple[str, ...]] = {"A/A": isolation.CELL_ENTRY}
     step_s = None
     records: list[dict] = []
     started = time.monotonic()
     for trial in range(args.trials):
         tdir = out / f"trial{trial:02d}"
         for r in range(args.rounds):
-            _run(cells, tdir / "baseline" / f"round{r}", quiet)
+            _run(cells, tdir / "baseline" / f"round{r}", quiet, isolation.CELL_ENTRY)
             if step_s is None:
                 frame = store.load(tdir / "baseline")
                 ok = frame[(frame["status"] == "ok") & frame["method"].isin(methods)]
@@ -115,13 +102,11 @@ def main(argv: list[str] | None = None) -> int:
                 # inflates: the first runs of this script sized it from the median (see the README).
                 step_s = float(METRICS[DECODE](ok).mean())
                 for s in slowdowns:
-                    delay = f"{s * step_s:.6f}"
-                    sides[f"+{s:.0%} decode"] = {"BENCH_TEST_SLOW_DECODE": ",".join(f"{m}:{delay}" for m in methods)}
-                if args.counter_hook:
-                    name, _, value = args.counter_hook.partition("=")
-                    sides[f"hook {name}"] = {name: value}
-            for side, env in sides.items():
-                _run(cells, tdir / _slug(side) / f"round{r}", quiet, **env)
+                    sides[f"+{s:.0%} decode"] = injected_cell.entry(slow_decode_s=s * step_s, methods=methods)
+                if args.extra_decode_work:
+                    sides["extra decode work"] = injected_cell.entry(extra_decode_work=True, methods=methods)
+            for side, entry in sides.items():
+                _run(cells, tdir / _slug(side) / f"round{r}", quiet, entry)
         records.extend(_judge(tdir, trial, sides, args))
         done = trial + 1
         eta = (time.monotonic() - started) / done * (args.trials - done)

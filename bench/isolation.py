@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 
@@ -22,16 +23,20 @@ from bench.matrix import Cell
 #: Where `import bench` came from: the child must import the same code (also when reached through symlinks).
 _PACKAGE_ROOT = str(Path(bench.__file__).parent.parent)
 
-#: Started in the child before `bench.cell`: die with the runner (even when it is killed with SIGKILL, which leaves it
-#: no chance to clean up), then run the cell. A parent that died before the prctl call is caught by the ppid check.
+#: Started in the child before the cell's entry module (`CELL_ENTRY`): die with the runner (even when it is killed
+#: with SIGKILL, which leaves it no chance to clean up), then run the cell. A parent that died before the prctl call
+#: is caught by the ppid check.
 _CHILD = (
     "import ctypes, os, runpy, signal, sys\n"
     "if sys.platform.startswith('linux'):\n"
     "    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
     "if os.getppid() != int(sys.argv.pop(1)):\n"
     "    os._exit(1)\n"
-    "runpy.run_module('bench.cell', run_name='__main__', alter_sys=True)\n"
+    "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)\n"
 )
+#: The module a cell's process runs, and its arguments after CELL_JSON RESULT_JSON. Executors take another entry to
+#: perturb cells on purpose: `bench.injected_cell` (the gate's trials), or a test's own module.
+CELL_ENTRY: tuple[str, ...] = ("bench.cell",)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -42,10 +47,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_cell(
-    cell: Cell, python: str = sys.executable, scratch: str | Path | None = None
+    cell: Cell, python: str = sys.executable, scratch: str | Path | None = None, entry: Sequence[str] = CELL_ENTRY
 ) -> tuple[str, list[dict], str | None]:
     """Run one cell in a fresh interpreter, in its own process group: (status, rows, error). The process group is
-    killed whatever ends the wait (timeout, Ctrl-C, SIGTERM, an error in the runner)."""
+    killed whatever ends the wait (timeout, Ctrl-C, SIGTERM, an error in the runner). `entry`: the module the
+    process runs and its extra arguments (`CELL_ENTRY`)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
     if cell.device == "cpu" and cell.cpu_threads:
@@ -55,7 +61,7 @@ def run_cell(
         cell_file, result_file = Path(tmp) / "cell.json", Path(tmp) / "result.json"
         cell_file.write_text(cell.to_json())
         proc = subprocess.Popen(
-            [python, "-c", _CHILD, str(os.getpid()), str(cell_file), str(result_file)],
+            [python, "-c", _CHILD, str(os.getpid()), entry[0], str(cell_file), str(result_file), *entry[1:]],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
         try:

@@ -62,10 +62,24 @@ def comparison(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     failed = rows[rows["status"] != "ok"].groupby(group)["status"].first()
     table = measured.join(failed, how="outer").reset_index()
     table["status"] = table["status"].fillna("ok")
-    full = table[table["method"] == "full"].set_index(["hardware", *_SHAPE])["tokens_per_s"].rename("full")
-    table = table.join(full, on=["hardware", *_SHAPE])
+    fulls = table[table["method"] == "full"].set_index(["hardware", *_SHAPE])
+    table = table.join(fulls["tokens_per_s"].rename("full"), on=["hardware", *_SHAPE])
+    table = table.join(fulls["status"].rename("full_status"), on=["hardware", *_SHAPE])
     table["speedup"] = table["tokens_per_s"] / table["full"]
     return pub, table.drop(columns="full").sort_values(group)
+
+
+def _speedup_text(speedup: pd.Series, method: pd.Series, full_status: pd.Series) -> pd.Series:
+    """`1.82x`, or why there is none: a compressed cell beside a full cache that failed (or did not run) never shows
+    a bare dash next to "ok"."""
+    def one(value, name, status):
+        if pd.notna(value):
+            return f"{value:.2f}x"
+        if name == "full":
+            return "-"
+        return f"none: full cache {status}" if isinstance(status, str) else "none: no full cache"
+
+    return pd.Series([one(*values) for values in zip(speedup, method, full_status, strict=True)], index=speedup.index)
 
 
 def _interval(samples: pd.Series) -> str:
@@ -78,11 +92,15 @@ def _interval(samples: pd.Series) -> str:
 def published_display() -> pd.DataFrame:
     """The published rows as the report shows them: readable headings, consistent numbers."""
     t = published()
+    full_status = t[t["method"] == "full"].set_index(_SHAPE)["status"]
+    t = t.join(full_status.rename("full_status"), on=_SHAPE)
+    ran_unpublished = (t["status"] == "ok") & t["tokens_per_s"].isna()
     return pd.DataFrame({
         "model": t["model"], "batch": t["batch"], "prompt + new tokens": t["prompt"].astype(str) + "+"
         + t["new"].astype(str), "method": t["method"], "budget": t["budget"].map(lambda b: f"{b:g}"),
         "end-to-end tok/s": t["tokens_per_s"].map(lambda v: "-" if pd.isna(v) else f"{v:,.0f}"),
-        "x full": t["speedup"].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}x"), "status": t["status"],
+        "x full": _speedup_text(t["speedup"], t["method"], t["full_status"]),
+        "status": t["status"].where(~ran_unpublished, "ran (no throughput published)"),
     })
 
 
@@ -97,7 +115,7 @@ def display(measured: pd.DataFrame) -> pd.DataFrame:
         "reps": m["n"].map(lambda v: "-" if pd.isna(v) else f"{v:.0f}"),
         "end-to-end tok/s": m["tokens_per_s"].map(lambda v: "-" if pd.isna(v) else f"{v:,.0f}"),
         "interval": m["interval"].fillna("-"),
-        "x full": m["speedup"].map(lambda v: "-" if pd.isna(v) else f"{v:.2f}x"),
+        "x full": _speedup_text(m["speedup"], m["method"], m["full_status"]),
         "peak GiB": m["peak_memory_gib"].map(lambda v: "-" if pd.isna(v) else f"{v:.1f}"),
         "status": m["status"],
     })

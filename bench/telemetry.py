@@ -36,6 +36,11 @@ CLOCK_EVENT_REASONS = {
 _NVML_CLOCK_SM, _NVML_CLOCK_MEM, _NVML_TEMPERATURE_GPU, _NVML_FI_DEV_POWER_INSTANT = 1, 2, 0, 186
 
 
+def clock_event_names(bits: int) -> list[str]:
+    """The slowdown reasons set in a clock-event bitmask; idle is not a slowdown (the GPU waits on the host)."""
+    return [name for bit, name in CLOCK_EVENT_REASONS.items() if int(bits) & bit and bit != 0x1]
+
+
 def load_nvml() -> tuple[ModuleType | None, str]:
     """(pynvml, "ok") after nvmlInit, or (None, why not)."""
     try:
@@ -206,8 +211,7 @@ class Telemetry:
         union = 0
         for r in reasons:
             union |= int(r)
-        # Idle is not a slowdown: the GPU waits on the host between kernels.
-        names = [name for bit, name in CLOCK_EVENT_REASONS.items() if union & bit and bit != 0x1]
+        names = clock_event_names(union)
         return {
             "telemetry_status": self.status,
             "telemetry_samples": len(self.samples),

@@ -2,14 +2,14 @@
 
 `RegionTimer` implements `prefixkv.timer.Timer`: on CUDA it records a pair of events around each region and never
 synchronises while the work runs - the caller synchronises once, after it, and reads `seconds()`; on the CPU the
-work is synchronous and `perf_counter` brackets it. Raw samples are kept; medians are reported.
+work is synchronous and `perf_counter` brackets it. Raw samples are kept; the report derives its figures from them
+(`bench.uncertainty`: medians and lower deciles of the steps, with their intervals).
 """
 
 from __future__ import annotations
 
-import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -72,9 +72,3 @@ def timed(fn: Callable[[], T], device: str) -> tuple[T, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
-
-
-def median(samples: Sequence[float]) -> float | None:
-    """Median of `samples`, None when there are none (a figure that was not measured is not zero)."""
-    values = [float(s) for s in samples if s is not None]
-    return statistics.median(values) if values else None

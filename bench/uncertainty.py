@@ -1,13 +1,22 @@
-"""Intervals on the suite's figures: a bootstrap confidence interval of the median of each cell's repetitions, and of
-the ratio of two cells' medians (a cell's speed over the same run's full cache).
+"""Intervals on the suite's figures: a bootstrap confidence interval of the median of each cell's repetitions, of a
+quantile of its decode steps, and of the ratio of two cells' step times (a cell's speed over the full cache).
 
 On a shared machine repetitions of one cell move by 2-3x and on an H100 by 15%, so a median alone ranks methods by
 noise. Every speed and energy figure of the report therefore carries an interval and its number of repetitions, and
 two cells are called different only where their intervals do not overlap (`separated`).
 
-With one sample there is no interval (`lo == hi == median`, `n == 1`); with two the bootstrap of a median can only
-return the samples themselves, so the interval is their min and max; from three on it is scipy's percentile
-bootstrap (BCa needs a jackknife that degenerates on a handful of ties).
+Per-repetition figures (`median_ci`, `ratio_ci`): with one sample there is no interval (`lo == hi == median`,
+`n == 1`); with two the bootstrap of a median can only return the samples themselves, so the interval is their min
+and max; from three on it is scipy's percentile bootstrap (BCa needs a jackknife that degenerates on a handful of
+ties).
+
+Per-step figures (`step_ci`, `step_ratio_ci`): a speed comes from the decode steps of every repetition, not from a
+total that includes another process's slow moment. Steps of one call share its machine state, so they are not
+independent draws: the interval is a two-level (hierarchical) bootstrap - repetitions resampled, then steps within
+each - so that it widens with the drift between repetitions as well as with the spread of steps. A ratio of two
+cells measured interleaved in one process (`paired=True`: repetition i of one beside repetition i of the other)
+resamples the repetitions of both sides jointly, which keeps what the pair shares (the load of that moment) out of
+the interval.
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ CONFIDENCE = 0.95
 #: Bootstrap resamples: the interval's ends move by well under 1% between seeds at the sample sizes here (3-10).
 RESAMPLES = 2000
 SEED = 0
+#: Resamples of the per-step intervals, each drawing every step of every repetition: 1000 keep a report of a hundred
+#: GPU cells (512 steps x 3-6 repetitions) to seconds; the ends move by about 1% between seeds.
+STEP_RESAMPLES = 1000
 # scipy >= 1.15 takes `rng`; the older releases that pyproject allows take `random_state`.
 _SEED_ARG = "rng" if "rng" in inspect.signature(bootstrap).parameters else "random_state"
 
@@ -55,6 +67,18 @@ class Estimate:
     def scale(self, factor: float) -> Estimate:
         """The same estimate in other units (factor > 0)."""
         return Estimate(self.median * factor, self.lo * factor, self.hi * factor, self.n)
+
+    def reciprocal(self, numerator: float = 1.0) -> Estimate:
+        """`numerator / self` - a step time as a rate (batch / step = tokens/s); the interval's ends swap."""
+
+        def invert(value: float) -> float:
+            return numerator / value if math.isfinite(value) and value > 0 else math.nan
+
+        return Estimate(invert(self.median), invert(self.hi), invert(self.lo), self.n)
+
+    def contains(self, value: float) -> bool:
+        """True when `value` lies inside the interval (a ratio containing 1: no measurable difference)."""
+        return self.known and self.lo <= value <= self.hi
 
 
 def _clean(samples: Sequence[float] | np.ndarray | None) -> np.ndarray:
@@ -102,3 +126,102 @@ def separated(a: Estimate, b: Estimate) -> bool:
     if not (a.known and b.known) or a.n < 2 or b.n < 2:
         return False
     return a.lo > b.hi or b.lo > a.hi
+
+
+# --- per-step figures ---------------------------------------------------------------------------------------------
+
+
+def _padded(groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Groups as one (groups, longest) array padded with NaN, and each group's length."""
+    lengths = np.array([len(g) for g in groups])
+    # float32: step times need 7 digits, and the partial sorts over (resamples x steps) run twice as fast.
+    values = np.full((len(groups), int(lengths.max())), np.nan, dtype=np.float32)
+    for row, group in enumerate(groups):
+        values[row, : len(group)] = group
+    return values, lengths
+
+
+def _resampled_steps(values: np.ndarray, lengths: np.ndarray, chosen: np.ndarray, rng: np.random.Generator
+                     ) -> np.ndarray:
+    """One row per resample: repetitions `chosen` (resamples, k), then steps drawn with replacement within each
+    chosen repetition, as many as it has (NaN pads a repetition shorter than the longest)."""
+    width = values.shape[1]
+    if (lengths == width).all():  # the usual case: every repetition has the same number of steps
+        draws = rng.integers(0, width, (*chosen.shape, width), dtype=np.int32)
+        return values.ravel()[(chosen[..., None] * width + draws).reshape(len(chosen), -1)]
+    chosen_lengths = lengths[chosen][..., None]
+    draws = rng.integers(0, chosen_lengths, (*chosen.shape, width), dtype=np.int32)
+    picked = values[chosen[..., None], draws]
+    picked[np.arange(width) >= chosen_lengths] = np.nan
+    return picked.reshape(len(chosen), -1)
+
+
+def _quantiles(rows: np.ndarray, q: float) -> np.ndarray:
+    return np.nanquantile(rows, q, axis=1) if np.isnan(rows).any() else _quantile_rows(rows, q)
+
+
+def _quantile_rows(rows: np.ndarray, q: float) -> np.ndarray:
+    """`np.quantile(rows, q, axis=1)` (linear interpolation) through a partial sort: ten times faster on the
+    (resamples x steps) arrays here, which makes the report's per-step intervals affordable."""
+    position = (rows.shape[1] - 1) * q
+    below = int(math.floor(position))
+    parted = np.partition(rows, below, axis=1)
+    low = parted[:, below].astype(float)
+    if below + 1 >= rows.shape[1] or position == below:
+        return low
+    high = parted[:, below + 1:].min(axis=1).astype(float)  # the next order statistic
+    return low + (high - low) * (position - below)
+
+
+def _interval(stats: np.ndarray, point: float, n: int, confidence: float) -> Estimate:
+    lo, hi = (float(v) for v in np.quantile(stats, [(1 - confidence) / 2, (1 + confidence) / 2]))
+    # The resamples are float32: an end within its rounding of the point is the point.
+    lo, hi = (point if math.isclose(v, point, rel_tol=1e-6) else v for v in (lo, hi))
+    return Estimate(point, min(lo, point), max(hi, point), n)
+
+
+def step_ci(groups: Sequence[Sequence[float] | None], q: float = 0.5, *, confidence: float = CONFIDENCE) -> Estimate:
+    """The `q` quantile of the steps of every repetition (`groups`: one sequence of step times per repetition),
+    with its two-level bootstrap interval (module docstring); `n` counts the repetitions."""
+    return step_cis(groups, (q,), confidence=confidence)[0]
+
+
+def step_cis(groups: Sequence[Sequence[float] | None], quantiles: Sequence[float], *,
+             confidence: float = CONFIDENCE) -> list[Estimate]:
+    """`step_ci` at several quantiles (the median and the lower decile), from one set of resamples."""
+    kept = [g for g in (_clean(g) for g in groups) if len(g)]
+    if not kept:
+        return [Estimate.missing() for _ in quantiles]
+    pooled = np.concatenate(kept)
+    values, lengths = _padded(kept)
+    rng = np.random.default_rng(SEED)
+    rows = _resampled_steps(values, lengths, rng.integers(0, len(kept), (STEP_RESAMPLES, len(kept))), rng)
+    return [_interval(_quantiles(rows, q), float(np.quantile(pooled, q)), len(kept), confidence) for q in quantiles]
+
+
+def step_ratio_ci(reference: Sequence[Sequence[float] | None], samples: Sequence[Sequence[float] | None], *,
+                  paired: bool, q: float = 0.5, confidence: float = CONFIDENCE) -> Estimate:
+    """How many times faster `samples` steps are than `reference` steps: the `q` quantile of the reference's steps
+    over that of `samples` (> 1: faster), with its two-level bootstrap interval. `paired`: repetition i of each side
+    ran beside the other (interleaved in one process), so repetitions are resampled jointly; pairs with a side
+    empty are dropped. `n` counts the repetitions (pairs when paired)."""
+    ref, cur = [_clean(g) for g in reference], [_clean(g) for g in samples]
+    if paired and len(ref) == len(cur):
+        pairs = [(a, b) for a, b in zip(ref, cur, strict=True) if len(a) and len(b)]
+        ref, cur = [a for a, _ in pairs], [b for _, b in pairs]
+    else:
+        paired = False
+        ref, cur = [g for g in ref if len(g)], [g for g in cur if len(g)]
+    if not ref or not cur:
+        return Estimate.missing()
+    ref_point, cur_point = np.quantile(np.concatenate(ref), q), np.quantile(np.concatenate(cur), q)
+    if cur_point <= 0:
+        return Estimate.missing()
+    rng = np.random.default_rng(SEED)
+    ref_values, ref_lengths = _padded(ref)
+    cur_values, cur_lengths = _padded(cur)
+    ref_chosen = rng.integers(0, len(ref), (STEP_RESAMPLES, len(ref)))
+    cur_chosen = ref_chosen if paired else rng.integers(0, len(cur), (STEP_RESAMPLES, len(cur)))
+    stats = (_quantiles(_resampled_steps(ref_values, ref_lengths, ref_chosen, rng), q)
+             / _quantiles(_resampled_steps(cur_values, cur_lengths, cur_chosen, rng), q))
+    return _interval(stats, float(ref_point / cur_point), min(len(ref), len(cur)), confidence)

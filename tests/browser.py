@@ -1,5 +1,7 @@
-"""Opening a generated report in headless Chromium, as a reader would: its script and console errors, and per image
-whether it decoded and which methods it draws (`data-methods`) against those the store offers it (`data-expected`)."""
+"""Opening a generated report in headless Chromium, as a reader would, at a given window width: its script and
+console errors, per image whether it decoded and which methods it draws (`data-methods`) against those the store
+offers it (`data-expected`), how far the page overflows the window sideways, and which tables or the nav stick out
+of it (a table cut at the window's edge)."""
 
 from __future__ import annotations
 
@@ -20,9 +22,14 @@ console.error = (...a) => { window.__errors.push(a.join(' ')); origError(...a); 
 window.addEventListener('load', () => {
   const imgs = Array.from(document.images).map(i => ({ok: i.complete && i.naturalWidth > 0,
     methods: i.dataset.methods || '', expected: i.dataset.expected || ''}));
+  const root = document.documentElement;
+  const cut = Array.from(document.querySelectorAll('table, nav, .headline')).filter(
+    el => el.getBoundingClientRect().right > root.clientWidth + 1).map(
+    el => (el.closest('section, article') || {}).id || el.tagName);
   const out = document.createElement('pre');
   out.id = '__check';
-  out.textContent = JSON.stringify({errors: window.__errors, images: imgs});
+  out.textContent = JSON.stringify({errors: window.__errors, images: imgs,
+    overflow_px: root.scrollWidth - root.clientWidth, cut: cut, width: root.clientWidth});
   document.body.appendChild(out);
 });
 </script>
@@ -33,9 +40,11 @@ def chromium() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
-def browser_check(page: Path, tmp_path: Path) -> dict:
-    """Load `page` in headless Chromium; return its script errors and, per image, whether it decoded and which
-    methods it draws (`data-methods`) against those the store offers it (`data-expected`)."""
+def browser_check(page: Path, tmp_path: Path, width: int = 1400) -> dict:
+    """Load `page` in headless Chromium in a window `width` px wide; return its script errors, per image whether it
+    decoded and which methods it draws (`data-methods`) against those the store offers it (`data-expected`), the
+    page's sideways overflow in px (`overflow_px`, 0 when nothing sticks out) and the tables or nav cut at the
+    window's edge (`cut`)."""
     browser = chromium()
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
@@ -46,7 +55,8 @@ def browser_check(page: Path, tmp_path: Path) -> dict:
         proc = subprocess.run(
             [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()],
+             f"--user-data-dir={profile}", "--virtual-time-budget=5000", f"--window-size={width},1000",
+             "--dump-dom", checked.as_uri()],
             capture_output=True, text=True, timeout=120,
         )
     dom = proc.stdout

@@ -2,9 +2,12 @@
 with speeds drawn from a seeded model of each method, so that the report can be checked without a sweep or a GPU.
 
 - `cpu_store`: the embedded model (trained) and tiny-llama (random weights) on a CPU, noisy as a shared 2-core
-  machine is, no energy, no byte floor, one failed cell.
+  machine is, no energy, no byte floor, one failed cell; compressed cells paired with a full-cache call.
 - `gpu_store`: llava-1.5-7b (random weights) at two batch sizes and the embedded model on an "NVIDIA H100 80GB
-  HBM3", tight repetitions, energy, `decode_floor_ratio` and `copy_bandwidth_gbps` filled, decode policies.
+  HBM3", tight repetitions, energy, `decode_floor_ratio` and `copy_bandwidth_gbps` filled, decode policies; a store
+  from before pairing (ratios against the same run's full cell), with the optional memory columns on llava.
+- `steps_store`: one full cell and one compressed cell with chosen per-step times (outliers, pairing, runs).
+- `engine_store`: the embedded model with the quality engine's columns.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ IMAGE = {"embedded": 16, "tiny-llama": 0, "llava-1.5-7b": 576}
 
 
 def rows_for(cell: Cell, env: dict, *, base_tps: float, noise: float, rng: np.random.Generator, gpu: bool,
-             matrix: str, status: str = "ok") -> list[dict]:
-    """The rows `bench run` would write for `cell` (one per repetition, or one failure row)."""
+             matrix: str, status: str = "ok", paired: bool = False, memory_detail: bool = False) -> list[dict]:
+    """The rows `bench run` would write for `cell` (one per repetition, or one failure row). `paired`: a compressed
+    cell's rows carry its paired full-cache call (today's cells); without, they are a store from before pairing.
+    `memory_detail`: the optional memory columns (KV bytes allocated, per-head bytes and kept counts)."""
     base = {**cell_columns(cell), "matrix": matrix, **env}
     if status != "ok":
         return [{**base, "rep": None, "status": status, "error": "CUDA out of memory (synthetic)"}]
@@ -59,9 +64,21 @@ def rows_for(cell: Cell, env: dict, *, base_tps: float, noise: float, rng: np.ra
     peak = (13.5 * 2**30 + sum(kv) * 20) if gpu else 520 * 2**20
     rows = []
     for rep in range(cell.repetitions):
-        tps = base_tps * gain * float(np.exp(rng.normal(0, noise)))
+        load = float(np.exp(rng.normal(0, noise)))  # this repetition's moment: both calls of a pair share it
+        tps = base_tps * gain / load
         steps = list(cell.batch_size / tps * np.exp(rng.normal(0, noise / 3, cell.new_tokens - 1)))
         decode_s = float(sum(steps))
+        extra = {}
+        if paired and not full:
+            full_steps = list(cell.batch_size / (base_tps / load) * np.exp(rng.normal(0, noise / 3, len(steps))))
+            extra.update(paired_full_first=rep % 2 == 0, paired_full_decode_steps_s=full_steps,
+                         paired_full_total_s=0.004 * cell.batch_size + float(sum(full_steps)),
+                         paired_full_prefill_s=0.004 * cell.batch_size)
+        if memory_detail:
+            heads = 4
+            extra.update(kv_capacity_bytes_total=int(sum(kv) + len(kept) * cell.new_tokens * cell.batch_size * 512),
+                         kv_bytes_per_head=[[b // heads] * heads for b in kv],
+                         kept_per_head=[[k] * heads for k in kept])
         prefill = 0.004 * cell.batch_size * (1.1 if not full else 1.0)
         total = prefill + decode_s
         energy = 0.4 * cell.batch_size * cell.new_tokens / gain * float(np.exp(rng.normal(0, 0.02))) if gpu else None
@@ -70,7 +87,7 @@ def rows_for(cell: Cell, env: dict, *, base_tps: float, noise: float, rng: np.ra
             "score_s": 0.0 if full else 0.001, "allocate_s": 0.0, "compact_s": 0.0 if full else 0.0005,
             "ttft_s": prefill, "decode_s": decode_s, "decode_steps_s": steps,
             "decode_step_median_s": float(np.median(steps)),
-            "decode_tokens_per_s": cell.batch_size * len(steps) / decode_s,
+            "decode_tokens_per_s": cell.batch_size / float(np.median(steps)),
             "tokens_per_s": cell.batch_size * cell.new_tokens / total,
             "energy_j": energy, "j_per_token": None if energy is None else energy / (cell.batch_size * cell.new_tokens),
             "energy_source": "nvml total energy" if gpu else None,
@@ -78,7 +95,6 @@ def rows_for(cell: Cell, env: dict, *, base_tps: float, noise: float, rng: np.ra
             "device_name": H100 if gpu else None, "peak_memory_bytes": int(peak),
             "peak_memory_source": "torch.cuda.max_memory_allocated" if gpu else "process peak RSS",
             "kv_bytes_per_layer": kv, "kv_bytes_total": int(sum(kv)), "kept_per_layer": kept,
-            "kv_capacity_bytes_total": int(sum(kv)) + layers * cell.batch_size * 4096,
             "decode": cell.decode, "held_per_layer": [k + cell.new_tokens for k in kept], "evictions": 0,
             "kept_fraction": budget,
             "token_agreement": 1.0 if full else (rouge * 0.3 if trained else 0.003),
@@ -87,6 +103,10 @@ def rows_for(cell: Cell, env: dict, *, base_tps: float, noise: float, rng: np.ra
             "telemetry_status": "ok" if gpu else "unavailable: CPU cell (no GPU telemetry)",
             "decode_floor_ratio": (1.4 + 0.3 * (1 - budget)) * float(np.exp(rng.normal(0, 0.01))) if gpu else None,
             "copy_bandwidth_gbps": 2900.0 if gpu else None,
+            "load_avg_1min_before": 1.0 + load, "load_avg_1min_after": 1.1 + load,
+            "cpu_steal_fraction": 0.0 if gpu else 0.02,
+            "decode_step_p10_s": float(np.percentile(steps, 10)),
+            **extra,
         })
     return rows
 
@@ -110,17 +130,22 @@ def write(results: Path, rows_by_cell: list[tuple[Cell, dict, list[dict]]]) -> P
     return results
 
 
+#: The default matrix's budgets (bench/matrices/default.toml): the CPU store holds its batch-1 cells.
+DEFAULT_BUDGETS = [0.2, 0.5, 0.8]
+
+
 def cpu_store(results: Path, seed: int = 0) -> Path:
+    """Today's cells on a noisy 2-core CPU: paired full-cache calls, the machine's load."""
     rng = np.random.default_rng(seed)
     parts = []
     methods = ["full", "streaming_llm", "h2o", "snapkv", "pyramidkv", "uniform", "prefixkv"]
-    for cell in _cells("embedded", "cpu", "float32", [(1, 112, 48)], methods, [0.1, 0.3]):
+    for cell in _cells("embedded", "cpu", "float32", [(1, 112, 48)], methods, DEFAULT_BUDGETS):
         parts.append((cell, CPU_ENV, rows_for(cell, CPU_ENV, base_tps=450, noise=0.25, rng=rng, gpu=False,
-                                              matrix="default")))
+                                              matrix="default", paired=True)))
     for cell in _cells("tiny-llama", "cpu", "float32", [(1, 32, 16)], ["full", "h2o", "prefixkv"], [0.25]):
         status = "oom" if cell.method == "h2o" else "ok"
         parts.append((cell, CPU_ENV, rows_for(cell, CPU_ENV, base_tps=300, noise=0.25, rng=rng, gpu=False,
-                                              matrix="tiny", status=status)))
+                                              matrix="tiny", status=status, paired=True)))
     return write(results, parts)
 
 
@@ -132,11 +157,79 @@ def gpu_store(results: Path, seed: int = 1) -> Path:
                        policies=("grow", "fixed_position")):
         status = "oom" if cell.method == "full" and cell.batch_size == 48 else "ok"
         parts.append((cell, GPU_ENV, rows_for(cell, GPU_ENV, base_tps=480, noise=0.02, rng=rng, gpu=True,
-                                              matrix="paper", status=status)))
+                                              matrix="paper", status=status, memory_detail=True)))
     # The CPU store's embedded workload, also run on the GPU: the cells the cross-machine section lines up.
     methods = ["full", "streaming_llm", "h2o", "snapkv", "pyramidkv", "uniform", "prefixkv"]
-    for cell in _cells("embedded", "cuda", "float32", [(1, 112, 48)], methods, [0.1, 0.3]):
+    for cell in _cells("embedded", "cuda", "float32", [(1, 112, 48)], methods, DEFAULT_BUDGETS):
         parts.append((cell, GPU_ENV, rows_for(cell, GPU_ENV, base_tps=900, noise=0.03, rng=rng, gpu=True,
                                               matrix="default-gpu")))
     return write(results, parts)
 
+
+
+def _cell_rows(cell: Cell, env: dict, steps_per_rep: list[list[float]], *, run_id: str, extra=None) -> list[dict]:
+    """Minimal rows of `cell` with the given decode steps per repetition (the figures the report derives from)."""
+    base = {**cell_columns(cell), "matrix": "steps", **env, "run_id": run_id}
+    rows = []
+    for rep, steps in enumerate(steps_per_rep):
+        total = 0.002 + float(sum(steps))
+        rows.append({**base, "rep": rep, "status": "ok", "error": None, "total_s": total, "prefill_s": 0.002,
+                     "ttft_s": 0.002, "score_s": 0.0, "compact_s": 0.0, "decode_s": float(sum(steps)),
+                     "decode_steps_s": list(steps), "tokens_per_s": cell.batch_size * cell.new_tokens / total,
+                     "prompt_length": 25, "image_tokens": 16, "model_layers": 4, "peak_memory_bytes": 500 * 2**20,
+                     "peak_memory_source": "process peak RSS", "kv_bytes_total": int(4096 * cell.budget),
+                     "kept_per_layer": [int(25 * cell.budget)] * 4, "decode": "grow",
+                     "rouge_l": 1.0 if cell.method == "full" else 0.9, "token_agreement": 1.0, "perplexity": 1.0,
+                     "load_avg_1min_before": 1.5 if run_id == "run-a" else 6.5,
+                     "load_avg_1min_after": 1.6 if run_id == "run-a" else 7.0,
+                     **((extra or {}).get(rep, {}))})
+    return rows
+
+
+def steps_store(results: Path, *, full_steps: list[list[float]], method_steps: list[list[float]],
+                paired_steps: list[list[float]] | None = None, same_run: bool = True) -> Path:
+    """The embedded model at batch 1: a full cell and an h2o@0.5 cell whose decode steps are given per repetition.
+    `paired_steps`: the h2o cell's paired full-cache calls; `same_run` False puts the two cells in different runs
+    (a resumed store)."""
+    cells = _cells("embedded", "cpu", "float32", [(1, 112, 48)], ["full", "h2o"], [0.5])
+    full, h2o = cells
+    extra = None
+    if paired_steps is not None:
+        extra = {rep: {"paired_full_decode_steps_s": steps, "paired_full_total_s": 0.002 + sum(steps),
+                       "paired_full_first": rep % 2 == 0} for rep, steps in enumerate(paired_steps)}
+    parts = [(full, CPU_ENV, _cell_rows(full, CPU_ENV, full_steps, run_id="run-a")),
+             (h2o, CPU_ENV, _cell_rows(h2o, CPU_ENV, method_steps, run_id="run-a" if same_run else "run-b",
+                                       extra=extra))]
+    return write(results, parts)
+
+
+#: Quality-engine figures of `engine_store`'s cells: (loss, lo, hi) per method@budget, in nats per token.
+ENGINE_LOSS = {"h2o@0.5": (0.05, 0.02, 0.15), "snapkv@0.5": (0.04, 0.01, 0.08), "h2o@0.8": (0.01, 0.0, 0.03)}
+
+
+def engine_store(results: Path, seed: int = 2) -> Path:
+    """The embedded model at batch 1 with the quality engine's columns (`quality_loss` and its interval, unit,
+    samples, source, per-task detail) on its compressed cells; snapkv is 10% faster than the full cache, h2o no
+    different."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    parts = []
+    for cell in _cells("embedded", "cpu", "float32", [(1, 112, 48)], ["full", "h2o", "snapkv"], [0.5, 0.8]):
+        label = f"{cell.method}@{cell.budget:g}"
+        speed = {"snapkv": 1.1}.get(cell.method, 1.0)
+        steps = [list(0.002 / speed * np.exp(rng.normal(0, 0.01, 47))) for _ in range(3)]
+        paired = [list(0.002 * np.exp(rng.normal(0, 0.01, 47))) for _ in range(3)]
+        loss, lo, hi = ENGINE_LOSS.get(label, (0.3, 0.2, 0.4))
+        engine = {} if cell.method == "full" else {
+            "quality_loss": loss, "quality_loss_lo": lo, "quality_loss_hi": hi, "quality_loss_unit": "nats/token",
+            "quality_samples": 64, "quality_source": "realtext engine (synthetic)",
+            "quality_detail": json.dumps({task: {"full": 2.7, "value": 2.7 + loss, "loss": loss, "lo": lo, "hi": hi,
+                                                  "n": 32, "unit": "nats/token"} for task in ("continuation", "qa")}),
+        }
+        extra = None if cell.method == "full" else {
+            rep: {"paired_full_decode_steps_s": paired[rep], "paired_full_total_s": 0.002 + sum(paired[rep]),
+                  "paired_full_first": rep % 2 == 0} for rep in range(3)}
+        rows = _cell_rows(cell, CPU_ENV, steps, run_id="run-a", extra=extra)
+        parts.append((cell, CPU_ENV, [{**row, **engine} for row in rows]))
+    return write(results, parts)

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from bench import report, store
+from bench import store
 from bench.cli import main
 from bench.merge import merge
+from bench.report import figures, write_report
+from bench.report.cells import cells
+from bench.report.machines import cross_section
 from tests import report_stores
 
 ROW = {"key": "k1", "status": "ok", "rep": 0, "method": "prefixkv", "env_machine_id": "m0", "run_id": "r-old",
@@ -32,11 +35,12 @@ def test_merged_store_of_two_machines_renders_the_cross_machine_section(machines
     assert {p.name for p in store.parts([into])} == {p.name for p in store.parts([cpu, gpu])}
     frame = store.load(into)
     assert set(frame["env_machine"]) == {report_stores.CPU_ENV["env_machine"], report_stores.H100}
-    cross = report.cross_section(report.cells(frame))
+    cross = cross_section(cells(frame))
     assert cross is not None and cross.hardware == ["CPU: AMD EPYC 7B13", report_stores.H100]
     # The page itself (figures left out: drawing them is the report tests' business and most of a report's time).
-    monkeypatch.setattr(report, "figures", lambda c: [])
-    page = report.write_report([into], tmp_path / "fleet.html").read_text()
+    monkeypatch.setattr(figures, "all_figures", lambda c: [])
+    monkeypatch.setattr(figures, "cross_figure", lambda c: None)
+    page = write_report([into], tmp_path / "fleet.html").read_text()
     assert 'id="cross"' in page and "Across machines" in page and report_stores.H100 in page
 
 

@@ -20,8 +20,9 @@ from rich.console import Console
 
 from bench import runner, store
 from bench.cli import main
-from bench.executor import RayExecutor, task_options
+from bench.executor import LocalExecutor, RayExecutor, task_options
 from bench.matrix import Cell, parse
+from tests.cell_faults import faults
 
 ROOT = Path(__file__).parent.parent
 #: Marks this module's cells (other test runs may have cells of their own on the same machine).
@@ -62,17 +63,18 @@ def ray_address():
 
 
 def _cell_processes() -> list[tuple[int, int, str]]:
-    """(pid, parent pid as passed by the runner, method) of this module's `bench.cell` children now running."""
+    """(pid, parent pid as passed by the runner, method) of this module's cell children now running (`python -c
+    CHILD PPID ENTRY_MODULE CELL_JSON RESULT_JSON ...`)."""
     out = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             argv = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(argv) < 6 or b"runpy.run_module('bench.cell'" not in argv[2]:
+        if len(argv) < 7 or b"runpy.run_module(sys.argv.pop(1)" not in argv[2]:
             continue
         try:
-            cell = json.loads(Path(argv[4].decode()).read_text())
+            cell = json.loads(Path(argv[5].decode()).read_text())
         except (OSError, ValueError):
             continue
         if cell.get("seed") == SEED:
@@ -95,11 +97,10 @@ def both_stores(ray_address, tmp_path_factory):
     """The same three cells (two ok, one whose process exits 3) through the local and the Ray executor."""
     tmp = tmp_path_factory.mktemp("executors")
     cells = _cells("full", "prefixkv", "h2o")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BENCH_TEST_FAULT", "exit:h2o")
-        local = runner.sweep(cells, tmp / "local", console=_quiet())
-        console = _quiet()
-        ray = runner.sweep(cells, tmp / "ray", console=console, executor=RayExecutor())
+    entry = faults("exit:h2o")
+    local = runner.sweep(cells, tmp / "local", console=_quiet(), executor=LocalExecutor(entry=entry))
+    console = _quiet()
+    ray = runner.sweep(cells, tmp / "ray", console=console, executor=RayExecutor(entry=entry))
     return (tmp / "local", local), (tmp / "ray", ray, console.file.getvalue())
 
 
@@ -140,16 +141,16 @@ def _killer(stop: threading.Event, kills: dict[str, int], limit: dict[str, int])
         time.sleep(0.05)
 
 
-def test_a_killed_worker_is_retried_once_then_recorded(ray_address, tmp_path, monkeypatch):
+def test_a_killed_worker_is_retried_once_then_recorded(ray_address, tmp_path):
     # `full` loses its worker once (the retry succeeds); `snapkv` hangs and loses its worker on both attempts.
-    monkeypatch.setenv("BENCH_TEST_FAULT", "hang:snapkv")
     kills: dict[str, int] = {}
     stop = threading.Event()
     watcher = threading.Thread(target=_killer, args=(stop, kills, {"full": 1, "snapkv": 2}), daemon=True)
     watcher.start()
     console = _quiet()
     try:
-        outcomes = runner.sweep(_cells("full", "snapkv"), tmp_path / "r", console=console, executor=RayExecutor())
+        outcomes = runner.sweep(_cells("full", "snapkv"), tmp_path / "r", console=console,
+                                executor=RayExecutor(entry=faults("hang:snapkv")))
     finally:
         stop.set()
         watcher.join()
@@ -167,10 +168,9 @@ def test_a_killed_worker_is_retried_once_then_recorded(ray_address, tmp_path, mo
 
 def test_resume_after_killing_the_driver_loses_no_finished_cell(ray_address, tmp_path):
     matrix, results = _toml(tmp_path / "m.toml", "full", "snapkv"), tmp_path / "r"
-    args = [sys.executable, "-m", "bench", "run", "--matrix", str(matrix), "--results", str(results),
-            "--executor", "ray", "--address", ray_address]
+    args = ["run", "--matrix", str(matrix), "--results", str(results), "--executor", "ray", "--address", ray_address]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen(args, cwd=ROOT, env={**env, "BENCH_TEST_FAULT": "hang:snapkv"},
+    driver = subprocess.Popen([sys.executable, "-m", "tests.fault_driver", "hang:snapkv", *args], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
     while not store.parts([results]) and time.monotonic() < deadline:
@@ -185,7 +185,8 @@ def test_resume_after_killing_the_driver_loses_no_finished_cell(ray_address, tmp
     while _cell_processes() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _cell_processes()
-    rerun = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert "1 of 2 cells already in" in rerun.stderr and "1 cells run, 1 skipped, 0 failed" in rerun.stdout
     assert all(p.read_bytes() == done[p.name] for p in store.parts([results]) if p.name in done)
@@ -193,15 +194,14 @@ def test_resume_after_killing_the_driver_loses_no_finished_cell(ray_address, tmp
     assert sorted(frame["method"]) == ["full", "snapkv"] and (frame["status"] == "ok").all()
 
 
-def test_cells_are_scheduled_on_the_resources_they_ask_for(ray_address, monkeypatch):
+def test_cells_are_scheduled_on_the_resources_they_ask_for(ray_address):
     cuda = _cells("full", devices=["cuda"])[0]
     cpu = _cells("full", cpu_threads=2)[0]
     assert task_options(cuda, {"H100": 1}) == {"max_retries": 0, "num_cpus": 1, "num_gpus": 1,
                                                 "resources": {"H100": 1}}
     assert task_options(cpu) == {"max_retries": 0, "num_cpus": 2}
     # What Ray assigned, read inside each task (`ray.get_runtime_context()`); the cells fail at once (no real GPU).
-    monkeypatch.setenv("BENCH_TEST_FAULT", "raise:full")
-    with RayExecutor(resources={"H100": 1}) as executor:
+    with RayExecutor(resources={"H100": 1}, entry=faults("raise:full")) as executor:
         assert executor.infeasible([cuda, cpu]) == []
         got = {f.cell.device: f for f in executor.run([cuda, cpu], scratch=None, on_progress=lambda _: None)}
     assert got["cuda"].resources == {"GPU": 1.0, "CPU": 1.0, "H100": 1.0}

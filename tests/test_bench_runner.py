@@ -10,13 +10,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
-from bench import store
+from bench import injected_cell, store
 from bench.cli import main
+from bench.executor import LocalExecutor
+from bench.matrix import load
+from bench.runner import sweep
 from tests.browser import browser_check
 
 ROOT = Path(__file__).parent.parent
@@ -43,10 +48,11 @@ def _matrix(tmp_path: Path, methods: str) -> Path:
     return path
 
 
-def _bench(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+def _bench(*args: str, faults: str | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m bench ARGS`; with `faults`, its cells run through tests.cell_faults (tests/fault_driver.py)."""
+    command = ["-m", "tests.fault_driver", faults] if faults else ["-m", "bench"]
     return subprocess.run(
-        [sys.executable, "-m", "bench", *args], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True,
-        text=True, timeout=600, **kwargs,
+        [sys.executable, *command, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs,
     )
 
 
@@ -56,7 +62,7 @@ def sweep_with_failures(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     path = _matrix(tmp, '"full", "h2o", "snapkv", "streaming_llm", "prefixkv"')
     faults = "exit:h2o,raise:snapkv,oom:streaming_llm"
-    proc = _bench("run", "--matrix", str(path), "--results", str(tmp / "results"), env={"BENCH_TEST_FAULT": faults})
+    proc = _bench("run", "--matrix", str(path), "--results", str(tmp / "results"), faults=faults)
     assert proc.returncode == 0, proc.stderr
     return tmp / "results", proc
 
@@ -123,20 +129,28 @@ def test_resume_after_kill_minus_9(tmp_path):
     assert len(store.load(results)) == 4 and victim.exists()
 
 
-def test_gate_on_real_runs_flags_injected_slowdown(tmp_path):
+def test_gate_on_real_runs_flags_injected_regressions(tmp_path):
     # Same machine, so absolute times are compared and no `full` cell is needed.
-    path = _matrix(tmp_path, '"prefixkv"')
-    base, cur = tmp_path / "base", tmp_path / "cur"
+    cells = [replace(c, repetitions=6) for c in load(_matrix(tmp_path, '"prefixkv"')).cells()]
+    base, slow, extra = tmp_path / "base", tmp_path / "slow", tmp_path / "extra"
     # Six repetitions a side: the fewest with which a Mann-Whitney test can reach p < 0.01.
-    reps = ("--repetitions", "6")
-    assert _bench("run", "--matrix", str(path), "--results", str(base), *reps).returncode == 0
-    slow = _bench(
-        "run", "--matrix", str(path), "--results", str(cur), *reps, env={"BENCH_TEST_SLOW_DECODE": "prefixkv:0.05"}
-    )
-    assert slow.returncode == 0, slow.stderr
-    gate = _bench("compare", str(base), str(cur))
+    quiet = Console(file=io.StringIO())
+    sweep(cells, base, console=quiet)
+    sweep(cells, slow, console=quiet, executor=LocalExecutor(entry=injected_cell.entry(slow_decode_s=0.05)))
+    sweep(cells, extra, console=quiet, executor=LocalExecutor(entry=injected_cell.entry(extra_decode_work=True)))
+    for store_dir in (base, slow, extra):
+        assert (store.load(store_dir)["status"] == "ok").all()
+    gate = _bench("compare", str(base), str(slow))
     assert gate.returncode == 1, gate.stdout
     assert "regression(s)" in gate.stdout and "slower" in gate.stdout
+    # The paired full-cache calls inside each cell are not perturbed: only the method's steps carry the sleep.
+    rows = store.load(slow)
+    own = np.median(np.concatenate(rows["decode_steps_s"].to_list()))
+    paired = np.median(np.concatenate(rows["paired_full_decode_steps_s"].to_list()))
+    assert own > 0.05 > paired
+    # One more allocation and kernel per step: the counters see it, whatever the timing does.
+    ops = {name: store.load(d)["decode_aten_ops_per_step"].iloc[0] for name, d in (("base", base), ("extra", extra))}
+    assert ops["extra"] >= ops["base"] + 2, ops
     # A/A: the same store against itself never flags.
     assert _bench("compare", str(base), str(base)).returncode == 0
 
@@ -193,9 +207,8 @@ def _start_hanging_runner(tmp_path: Path, results: Path) -> tuple[subprocess.Pop
     """A runner whose one cell hangs; returns it and the cell's pid once the cell is running."""
     path = _matrix(tmp_path, '"full"')
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench", "run", "--matrix", str(path), "--results", str(results)], cwd=ROOT,
-        env={**os.environ, "BENCH_TEST_FAULT": "hang:full"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "tests.fault_driver", "hang:full", "run", "--matrix", str(path), "--results",
+         str(results)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

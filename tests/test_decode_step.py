@@ -217,3 +217,5 @@ def test_compiled_cell_records_its_counters():
     assert row["decode_alloc_bytes_per_step"] > 0
     assert row["decode_kernel_launches_per_step"] is None and row["decode_floor_ratio"] is None  # CUDA only
     assert len(row["decode_steps_s"]) == 3
+    # The paired full-cache calls ran compiled beside the repetitions without a recompile of the method's step.
+    assert len(row["paired_full_decode_steps_s"]) == 3
