@@ -155,6 +155,10 @@ def test_quality_engine_intervals_decide_where_present(stores):
     loss_cell = workload.table.rows[list(table["label"]).index("h2o@0.5")][
         workload.table.columns.index("quality loss (nats/token)")]
     assert loss_cell.text == "0.05" and loss_cell.detail == "0.02-0.15"
+    gain = workload.table.columns.index("allocation gain over uniform")
+    by_label = dict(zip(table["label"], workload.table.rows, strict=True))
+    assert by_label["h2o@0.8"][gain].text == "+0.050" and by_label["h2o@0.8"][gain].detail == "+0.010 to +0.090"
+    assert by_label["h2o@0.5"][gain].text == "-"
     detail = workload.quality_detail
     assert detail.columns == ["cell", "continuation", "qa"] and len(detail.rows) == 4
     [line] = headlines(table)

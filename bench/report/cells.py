@@ -109,11 +109,16 @@ def _quality(first: pd.Series, known: bool) -> dict:
         out.update(quality_loss=_number(first.get("quality_loss")),
                    quality_loss_lo=_number(first.get("quality_loss_lo")), quality_loss_hi=engine,
                    quality_unit=str(first.get("quality_loss_unit") or "quality loss"),
-                   quality_samples=_number(first.get("quality_samples")))
+                   quality_samples=_number(first.get("quality_samples")),
+                   allocation_gain=_number(first.get("allocation_gain")),
+                   allocation_gain_lo=_number(first.get("allocation_gain_lo")),
+                   allocation_gain_hi=_number(first.get("allocation_gain_hi")),
+                   allocation_gain_unit=first.get("allocation_gain_unit"))
     else:
         loss = 1.0 - rouge if known else math.nan
         out.update(quality_loss=loss, quality_loss_lo=loss, quality_loss_hi=loss, quality_unit=ROUGE_UNIT,
-                   quality_samples=math.nan)
+                   quality_samples=math.nan, allocation_gain=math.nan, allocation_gain_lo=math.nan,
+                   allocation_gain_hi=math.nan, allocation_gain_unit=None)
     return out
 
 

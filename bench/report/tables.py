@@ -73,6 +73,17 @@ def _quality_loss(row: pd.Series) -> Entry:
     return Entry(f"{loss:.2f}", css, detail, row["quality_unit"])
 
 
+def _allocation_gain(row: pd.Series) -> Entry:
+    """PrefixKV's paired gain over its uniform ablation with the same scores (the quality engine's; positive:
+    the adaptive allocation is better), '~' where its interval contains 0."""
+    gain = row.get("allocation_gain", math.nan)
+    if not isinstance(gain, float) or not math.isfinite(gain):
+        return Entry("-")
+    lo, hi = row["allocation_gain_lo"], row["allocation_gain_hi"]
+    same = " ~" if lo <= 0 <= hi else ""
+    return Entry(f"{gain:+.3f}{same}", detail=f"{lo:+.3f} to {hi:+.3f}", tooltip=row["allocation_gain_unit"])
+
+
 def _grey_quality(row: pd.Series) -> list[Entry]:
     css = "" if row["quality_known"] else "grey"
     return [Entry(_fixed(row["rouge_l"]).text, css), Entry(_fixed(row["token_agreement"]).text, css),
@@ -95,8 +106,8 @@ def decision_table(workload: pd.DataFrame) -> Table:
     on_memory = decision.pareto(workload, {"speed_ratio_med": "max", axis: "min"})
     unit = str(workload["quality_unit"].iloc[0])
     columns = ["method", "budget", "reps", "decode tok/s", "x full (decode)", "x full (end-to-end, total time)",
-               "peak memory x full", "KV cache x full", "J/token", f"quality loss ({unit})", "ROUGE-L",
-               "on the frontier of speed and"]
+               "peak memory x full", "KV cache x full", "J/token", f"quality loss ({unit})",
+               "allocation gain over uniform", "ROUGE-L", "on the frontier of speed and"]
     rows = []
     for index, row in workload.iterrows():
         front = []
@@ -108,10 +119,12 @@ def decision_table(workload: pd.DataFrame) -> Table:
             Entry(row["method"], "l"), Entry(f"{row['budget']:g}"), Entry(str(row["n"])), _estimate(row["decode_tps"]),
             _speed_ratio(row), _ratio(row["e2e_ratio"]), Entry(times(row["peak_ratio"])),
             Entry(times(row["kv_ratio"])), _estimate(row["j_per_token"]), _quality_loss(row),
-            _grey_quality(row)[0], Entry(", ".join(front), "s"),
+            _allocation_gain(row), _grey_quality(row)[0], Entry(", ".join(front), "s"),
         ])
     # Random weights: their quality columns would compare noise with noise.
-    return Table(columns, rows).drop_empty({"J/token"}, always=set() if quality else {columns[-3], columns[-2]})
+    gain = "allocation gain over uniform"
+    return Table(columns, rows).drop_empty({"J/token", gain}, always=set() if quality else {columns[-4], gain,
+                                                                                              columns[-2]})
 
 
 def _grouped(cells: pd.DataFrame, columns: list[str], make_row, optional: set[str]) -> Table:
