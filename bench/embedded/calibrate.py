@@ -8,7 +8,6 @@ the checkpoint (`checkpoint/prefixkv_profile.json`) and a figure of its per-laye
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
@@ -38,6 +37,8 @@ def figure(profile: prefixkv.Profile, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bench.report.drawing import save_png
+
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for budget in sorted(profile.budgets):
         ax.plot(range(profile.num_layers), profile.budgets[budget], marker="o", label=f"budget {budget:g}")
@@ -48,10 +49,7 @@ def figure(profile: prefixkv.Profile, path: Path) -> Path:
     ax.set_title(f"PrefixKV per-layer kept fractions ({profile.samples} calibration samples)")
     ax.legend(frameon=False, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path)
     return path
 
 

@@ -70,6 +70,8 @@ def figure(counts: pd.DataFrame, path: Path, *, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bench.report.drawing import save_png
+
     variants = list(dict.fromkeys(counts["variant"]))
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.4), sharey=True, squeeze=False)
     for ax, variant in zip(axes[0], variants, strict=True):
@@ -83,10 +85,7 @@ def figure(counts: pd.DataFrame, path: Path, *, title: str) -> Path:
     axes[0][-1].legend(frameon=False, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path)
     return path
 
 
@@ -110,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    from bench.realtext.evaluate import _load
+    from bench.models import load_or_exit
 
-    model, tokenizer = _load(args.model, "cpu", "float32")
+    model, tokenizer = load_or_exit(args.model)
     counts = head_counts(model, tokenizer, variants, budget, args.length, args.samples)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     title = f"{args.model}: prompt entries kept per layer and KV head at budget {budget:g} ({args.length}-token " \

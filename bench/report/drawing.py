@@ -46,6 +46,18 @@ def encode(figure: plt.Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def save_png(figure: plt.Figure, path) -> None:
+    """Write `figure` to `path` as a PNG, atomically (a temporary name, then a rename), and close it."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
 def palette(cells: pd.DataFrame) -> dict[str, tuple]:
     order = methods_in(cells)
     colours = sns.color_palette("tab10", n_colors=max(10, len(order)))
