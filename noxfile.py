@@ -26,7 +26,8 @@ def tests(session: nox.Session) -> None:
     """Run the test suite (CPU: torch references and the Triton interpreter; `gpu` tests skip without CUDA)."""
     # `fleet` (Ray, a ~80 MB wheel, ~20 s to install) so that tests/test_bench_ray.py runs rather than skips.
     _install(session, ".[test,fleet]")
-    session.run("pytest", *(session.posargs or ["-q"]))
+    # Two workers: the suite is CPU-bound (Triton's interpreter, tiny models), and CI machines have two cores.
+    session.run("pytest", *(session.posargs or ["-q", "-n", "2"]))
 
 
 @nox.session

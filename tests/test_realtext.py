@@ -226,7 +226,7 @@ def test_realtext_matrix_parses():
     from bench import matrix
 
     parsed = matrix.load(Path(__file__).parent.parent / "bench" / "matrices" / "realtext.toml")
-    assert parsed.models == ("smollm2-135m",) and len(parsed.cells()) == 5
+    assert parsed.models == ("smollm2-135m",) and len(parsed.cells()) == 9
 
 
 def test_shipped_profile_is_valid():
