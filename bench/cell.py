@@ -344,6 +344,7 @@ def measure(cell: Cell, perturbation: Perturbation | None = None) -> list[dict]:
         "kv_capacity_bytes_per_layer": [int(b) for b in stats.capacity_bytes],
         "kv_capacity_bytes_total": int(sum(stats.capacity_bytes)),
         "kv_bytes_per_head": [[int(b) for b in layer] for layer in stats.bytes_per_head],
+        "kv_capacity_bytes_per_head": [[int(b) for b in layer] for layer in stats.capacity_bytes_per_head],
         "kept_per_head": [[int(k) for k in layer] for layer in stats.kept_per_head],
         "kept_per_layer": [int(k) for k in stats.kept],
         "decode": stats.policy,

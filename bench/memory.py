@@ -3,8 +3,8 @@
 - `kv_memory(rows)`: per result row, the KV bytes held after generation, the bytes allocated (decode slots
   included) and their ratio - 1.0 plus the unused planned decode slots, whatever the per-head budgets, because the
   packed layout allocates the sum of what the heads keep (`prefixkv.packed`);
-- `head_memory(rows)`: per (result row, layer, KV head), the prompt entries kept and the bytes held, from the
-  `kept_per_head` / `kv_bytes_per_head` columns.
+- `head_memory(rows)`: per (result row, layer, KV head), the prompt entries kept, the bytes held and the bytes
+  allocated, from the `kept_per_head` / `kv_bytes_per_head` / `kv_capacity_bytes_per_head` columns.
 
 Rows written before those columns existed (or failed cells) are skipped.
 """
@@ -39,10 +39,11 @@ def kv_memory(rows: pd.DataFrame, id_columns: Sequence[str] = ID_COLUMNS) -> pd.
 
 
 def head_memory(rows: pd.DataFrame, id_columns: Sequence[str] = ID_COLUMNS) -> pd.DataFrame:
-    """Long frame: one line per (row, layer, kv_head) with `kept` (prompt entries kept) and `kv_mib` (bytes held,
-    keys + values, the whole batch)."""
+    """Long frame: one line per (row, layer, kv_head) with `kept` (prompt entries kept), `kv_mib` (bytes held, keys +
+    values, the whole batch) and `kv_allocated_mib` (bytes allocated, decode slots included; NaN for rows written
+    before that column existed)."""
     ids = _ids(rows, id_columns)
-    columns = [*ids, "layer", "kv_head", "kept", "kv_mib"]
+    columns = [*ids, "layer", "kv_head", "kept", "kv_mib", "kv_allocated_mib"]
     if not {"kept_per_head", "kv_bytes_per_head"} <= set(rows.columns):
         return pd.DataFrame(columns=columns)
     records = []
@@ -50,8 +51,12 @@ def head_memory(rows: pd.DataFrame, id_columns: Sequence[str] = ID_COLUMNS) -> p
         kept, held = row["kept_per_head"], row["kv_bytes_per_head"]
         if kept is None or held is None or len(kept) == 0:
             continue
+        allocated = row.get("kv_capacity_bytes_per_head")
+        if allocated is None or len(allocated) == 0:
+            allocated = [[float("nan")] * len(layer) for layer in kept]
         base = {c: row[c] for c in ids}
-        for layer, (heads_kept, heads_bytes) in enumerate(zip(kept, held, strict=True)):
-            for head, (k, b) in enumerate(zip(heads_kept, heads_bytes, strict=True)):
-                records.append({**base, "layer": layer, "kv_head": head, "kept": int(k), "kv_mib": float(b) / MIB})
+        for layer, heads in enumerate(zip(kept, held, allocated, strict=True)):
+            for head, (k, b, a) in enumerate(zip(*heads, strict=True)):
+                records.append({**base, "layer": layer, "kv_head": head, "kept": int(k), "kv_mib": float(b) / MIB,
+                                "kv_allocated_mib": float(a) / MIB})
     return pd.DataFrame.from_records(records, columns=columns)

@@ -39,10 +39,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from kernels.compact import compact_kv_into
 from prefixkv.budget import check_budget, check_count
+from prefixkv.layer import SeenLayer
 from prefixkv.methods.base import Method
 from prefixkv.packed import PackedLayer
 from prefixkv.policy import EVICT, DecodePolicy, Grow, Plan
@@ -55,7 +56,8 @@ class CacheStats:
     (keys + values) and allocated, evictions during decoding; `positions` are the original positions held now,
     (batch, kv_heads, held) ascending. Under per-head budgets (`prefixkv.packed`) `kept`, `held` and `evictions`
     are means over a layer's KV heads, `positions` rows are padded with -1, and `kept_per_head` / `bytes_per_head`
-    ([layer][kv_head]) give each head's prompt entries kept and bytes held (keys + values, the whole batch)."""
+    ([layer][kv_head]) give each head's prompt entries kept and bytes held (keys + values, the whole batch);
+    `capacity_bytes_per_head` the bytes allocated to each head, its decode slots included."""
 
     prompt_length: int
     kept: list[int]
@@ -68,6 +70,7 @@ class CacheStats:
     positions: list[torch.Tensor] = field(repr=False, default_factory=list)
     kept_per_head: list[list[int]] = field(default_factory=list)
     bytes_per_head: list[list[int]] = field(default_factory=list)
+    capacity_bytes_per_head: list[list[int]] = field(default_factory=list)
 
     @property
     def kept_fraction(self) -> float:
@@ -82,7 +85,7 @@ def _static(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class CompressedLayer(CacheLayerMixin):
+class CompressedLayer(SeenLayer):
     """One layer: the full prompt during prefill, then its kept entries in a static decode buffer.
 
     After `compress`, `keys`/`values` are the whole (batch, kv_heads, capacity, head_dim) buffers; slots 0..kept-1
@@ -306,16 +309,10 @@ class CompressedLayer(CacheLayerMixin):
         heads = len(self.kept_per_head())
         return [self.nbytes(steps) // heads] * heads if heads else []
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Only consulted when another attention implementation builds a mask; the registered one masks each layer
-        # by its own length (module docstring).
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
+    def capacity_nbytes_per_head(self) -> list[int]:
+        """Bytes allocated to each KV head (keys + values, the whole batch, decode buffer included)."""
+        heads = len(self.kept_per_head())
+        return [self.capacity_nbytes() // heads] * heads if heads else []
 
     def reset(self) -> None:
         self.__init__(self.max_new_tokens)
@@ -507,4 +504,5 @@ class PrefixKVCache(Cache):
             positions=[layer.held_positions(self.steps) for layer in self.layers if layer.keys is not None],
             kept_per_head=[layer.kept_per_head() for layer in self.layers],
             bytes_per_head=[layer.nbytes_per_head(self.steps) for layer in self.layers],
+            capacity_bytes_per_head=[layer.capacity_nbytes_per_head() for layer in self.layers],
         )

@@ -30,10 +30,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from kernels.compact import compact_kv_into
 from kernels.decode_attention import packed_decode_attention_op
+from prefixkv.layer import SeenLayer
 from prefixkv.policy import EVICT, DecodePolicy, Plan
 
 
@@ -49,7 +49,7 @@ def _static(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class PackedLayer(CacheLayerMixin):
+class PackedLayer(SeenLayer):
     """One compressed layer whose KV heads keep `kept_per_head()` entries each, packed (module docstring).
 
     Built from a prefilled layer by `from_prefill`; it replaces that layer in the cache. `keys`/`values` are the
@@ -269,14 +269,10 @@ class PackedLayer(CacheLayerMixin):
         """Bytes allocated (keys + values), decode slots included: the sum of the rows' capacities."""
         return 2 * self.keys.numel() * self.keys.element_size()
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
+    def capacity_nbytes_per_head(self) -> list[int]:
+        """Bytes allocated to each KV head's rows (keys + values, the whole batch, its decode slots included)."""
+        entry = 2 * self.batch * self.head_dim * self.keys.element_size()
+        return [entry * capacity for capacity in self.capacities]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise ValueError("a packed layer is built compressed (PackedLayer.from_prefill)")

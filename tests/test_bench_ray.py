@@ -177,6 +177,8 @@ def test_resume_after_killing_the_driver_loses_no_finished_cell(ray_address, tmp
         assert driver.poll() is None
         time.sleep(0.2)
     done = {p.name: p.read_bytes() for p in store.parts([results])}
+    while not _cell_processes() and time.monotonic() < deadline:  # Ray may start `snapkv` a moment later
+        time.sleep(0.2)
     assert len(done) == 1 and [m for *_, m in _cell_processes()] == ["snapkv"]  # `full` stored, `snapkv` running
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()

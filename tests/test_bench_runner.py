@@ -184,13 +184,15 @@ def test_report_on_a_truncated_copy_of_a_store(sweep_with_failures, tmp_path):
 
 
 def _children(pid: int) -> list[int]:
+    """The cell processes `pid` started (not its other children, such as the fingerprint's `git`)."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == pid:
+        if int(fields[1]) == pid and b"runpy.run_module" in cmdline:
             out.append(int(stat.parent.name))
     return out
 
@@ -237,7 +239,7 @@ def test_second_runner_is_refused_and_ctrl_c_is_one_line(tmp_path):
         assert second.stderr.count("\n") == 1 and f"in use by another runner (pid {proc.pid} on" in second.stderr
         assert os.getpgid(cell) != os.getpgid(proc.pid)  # the cell has its own process group
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=180)
     finally:
         proc.kill()
     assert proc.returncode == 130
@@ -251,7 +253,7 @@ def test_second_runner_is_refused_and_ctrl_c_is_one_line(tmp_path):
 def test_sigterm_kills_the_cell(tmp_path):
     proc, cell = _start_hanging_runner(tmp_path, tmp_path / "results")
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=180)
     assert proc.returncode == 143 and "stopped by SIGTERM" in err and "Traceback" not in err
     assert _wait_gone(cell)
 
@@ -260,7 +262,7 @@ def test_kill_minus_9_of_the_runner_leaves_no_orphan_cell(tmp_path):
     results = tmp_path / "results"
     proc, cell = _start_hanging_runner(tmp_path, results)
     proc.kill()  # SIGKILL to the runner alone: no handler runs
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=180)
     assert _wait_gone(cell), "the cell kept running after the runner was killed"
     # Its scratch folder stays until the next sweep, which removes it (the lock proves its owner is dead).
     assert list(results.glob(".scratch-*"))

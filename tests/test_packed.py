@@ -135,6 +135,7 @@ def test_memory_is_the_sum_of_what_the_heads_keep(llama, policy):
         plans = [method.policy.plan(k, 40, new_tokens) for k in kept]
         capacity = [max(k, plan.capacity) for k, plan in zip(kept, plans, strict=True)]
         assert stats.capacity_bytes[layer] == entry * sum(capacity)
+        assert stats.capacity_bytes_per_head[layer] == [entry * c for c in capacity]
         held = [plan.lengths[new_tokens - 2] for plan in plans]  # generate runs new_tokens - 1 decode steps
         assert stats.bytes_per_head[layer] == [entry * h for h in held]
         assert stats.bytes[layer] == entry * sum(held)
@@ -245,7 +246,7 @@ def test_the_layer_itself_takes_one_token_at_a_time(llama):
 @pytest.mark.parametrize(
     ("name", "kwargs", "match"),
     [
-        ("prefixkv", {"head_budgets": "adaptive"}, "set per_kv_head=True"),
+        ("prefixkv", {"head_budgets": "adaptive", "per_kv_head": False}, "set per_kv_head=True"),
         ("streaming_llm", {"head_budgets": "adaptive", "per_kv_head": True}, "it scores none"),
         ("full", {"head_budgets": "adaptive", "per_kv_head": True}, "it scores none"),
         ("snapkv", {"head_budgets": "per-head"}, "head_budgets must be one of"),
@@ -375,6 +376,17 @@ window = 4
     assert row["kv_capacity_bytes_total"] == row["kv_bytes_total"] + row["model_layers"] * entry
     assert [a - h for a, h in zip(row["kv_capacity_bytes_per_layer"], row["kv_bytes_per_layer"], strict=True)] == [
         entry] * row["model_layers"]
+    # Per head: each head's allocation is its held entries plus its own one planned slot (half a layer's slot here).
+    allocated = row["kv_capacity_bytes_per_head"]
+    assert [sum(layer) for layer in allocated] == row["kv_capacity_bytes_per_layer"]
+    assert all(a - h == entry // 2 for la, lh in zip(allocated, held, strict=True) for a, h in zip(la, lh, strict=True))
+    import pandas as pd
+
+    from bench.memory import head_memory
+
+    frame = head_memory(pd.DataFrame([row]))
+    assert len(frame) == 2 * row["model_layers"]
+    assert frame["kv_allocated_mib"].sum() * 2**20 == pytest.approx(row["kv_capacity_bytes_total"])
 
 
 def test_head_counts_figure(tmp_path):
@@ -409,15 +421,18 @@ def test_memory_frames_from_result_rows():
     rows = pd.DataFrame([
         {"key": "a", "method": "prefixkv", "kv_bytes_total": 3 * 2**20, "kv_capacity_bytes_total": 4 * 2**20,
          "kept_per_head": [np.array([1, 3]), np.array([2, 2])],
-         "kv_bytes_per_head": [np.array([2**20, 3 * 2**20]), np.array([0, 2**19])]},
+         "kv_bytes_per_head": [np.array([2**20, 3 * 2**20]), np.array([0, 2**19])],
+         "kv_capacity_bytes_per_head": [np.array([2**20, 4 * 2**20]), np.array([2**19, 2**19])]},
         {"key": "old", "method": "h2o", "kv_bytes_total": 2**20, "kv_capacity_bytes_total": None,
-         "kept_per_head": None, "kv_bytes_per_head": None},
+         "kept_per_head": None, "kv_bytes_per_head": None, "kv_capacity_bytes_per_head": None},
     ])
     memory = kv_memory(rows)
     assert memory["key"].tolist() == ["a"] and memory["allocated_over_held"].tolist() == [4 / 3]
     heads = head_memory(rows)
     assert heads[["layer", "kv_head", "kept"]].values.tolist() == [[0, 0, 1], [0, 1, 3], [1, 0, 2], [1, 1, 2]]
     assert heads["kv_mib"].tolist() == [1.0, 3.0, 0.0, 0.5]
+    assert heads["kv_allocated_mib"].tolist() == [1.0, 4.0, 0.5, 0.5]
+    assert head_memory(rows.drop(columns=["kv_capacity_bytes_per_head"]))["kv_allocated_mib"].isna().all()
     assert head_memory(rows.drop(columns=["kept_per_head"])).empty
 
 

@@ -87,6 +87,16 @@ def test_sweep_at_full_budget_matches_full_cache(tiny_model) -> None:
     assert "| method |" in markdown(rows)
 
 
+def test_sweep_takes_method_specs(tiny_model, capsys) -> None:
+    pytest.importorskip("prefixkv")
+    from bench.embedded.evaluate import evaluate
+
+    model, tokenizer = tiny_model
+    paper = "prefixkv[per_kv_head=False,visibility_norm=False]"
+    rows = evaluate(model, tokenizer, [paper, "prefixkv"], [0.3], n_scenes=1, kinds=["count"], log=lambda _: None)
+    assert [r["method"] for r in rows] == [paper, "prefixkv"] and not any("error" in r for r in rows)
+
+
 def test_sweep_compresses_below_full_budget(tiny_model) -> None:
     pytest.importorskip("prefixkv")
     from bench.embedded.evaluate import evaluate
@@ -104,8 +114,10 @@ def test_sweep_rejects_bad_arguments(tiny_model) -> None:
     from bench.embedded.evaluate import evaluate, write
 
     model, tokenizer = tiny_model
-    with pytest.raises(ValueError, match="unknown methods"):
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
         evaluate(model, tokenizer, ["nope"], [0.5], n_scenes=1)
+    with pytest.raises(ValueError, match="visibility_norm must be True or False"):
+        evaluate(model, tokenizer, ["prefixkv[visibility_norm=3]"], [0.5], n_scenes=1)
     with pytest.raises(ValueError, match="unknown instruction kinds"):
         evaluate(model, tokenizer, ["full"], [0.5], n_scenes=1, kinds=["poem"])
     with pytest.raises(ValueError):

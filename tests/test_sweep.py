@@ -141,8 +141,9 @@ def test_scorer_identity():
     build = prefixkv.build_method
     assert build("uniform").scorer == build("prefixkv").scorer
     assert build("snapkv").scorer == build("pyramidkv").scorer
-    assert build("h2o").scorer != build("uniform").scorer  # per KV head vs head-mean
-    assert build("uniform").scorer != build("uniform", visibility_norm=True).scorer
+    assert build("h2o").scorer != build("uniform").scorer  # raw vs visibility-normalised attention
+    assert build("h2o").scorer != build("uniform", visibility_norm=False, per_kv_head=False).scorer  # per head vs mean
+    assert build("uniform").scorer != build("uniform", visibility_norm=False).scorer
     assert build("snapkv").scorer != build("pyramidkv", window=8).scorer
     assert build("prefixkv", layer_floor=0.5, recent=4).scorer == build("uniform").scorer
 

@@ -139,9 +139,8 @@ def evaluate(
     """Rows for every (method, budget); a cell that fails records its error and the sweep goes on."""
     import prefixkv
 
-    unknown = [m for m in methods if m not in prefixkv.METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {', '.join(prefixkv.METHODS)}")
+    for method in methods:  # a name or a method spec; ValueError names an unknown one or a bad hyper-parameter
+        prefixkv.build_method(method, **(method_kwargs or {}).get(method, {}))
     bad_kinds = [k for k in kinds if k not in KINDS]
     if bad_kinds:
         raise ValueError(f"unknown instruction kinds {bad_kinds}; expected some of {KINDS}")
@@ -215,7 +214,8 @@ def _parse_kwargs(text: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
+    parser.add_argument("--methods", default="all",
+                        help="comma-separated method specs (`prefixkv[visibility_norm=False]`), or 'all'")
     parser.add_argument("--budgets", type=_parse_budgets, default=[0.1, 0.2, 0.3, 0.5, 1.0])
     parser.add_argument("--scenes", type=int, default=DEFAULT_SCENES, help="held-out scenes per instruction kind")
     parser.add_argument("--kinds", default=",".join(KINDS))
@@ -240,17 +240,22 @@ def main(argv: list[str] | None = None) -> None:
         return
     import prefixkv
 
-    methods = list(prefixkv.METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    methods = list(prefixkv.METHODS) if args.methods == "all" else prefixkv.split_method_specs(args.methods)
     if args.out and Path(args.out).suffix not in (".csv", ".md"):
         parser.error(f"--out must end in .csv or .md, got {args.out}")
     model, tokenizer = load() if args.checkpoint is None else load(path=args.checkpoint)
     kwargs = {m: dict(args.method_kwargs or {}) for m in methods}
-    if args.profile:
-        kwargs.setdefault("prefixkv", {})["profile"] = args.profile
-    rows = evaluate(
-        model, tokenizer, methods, args.budgets, args.scenes, kinds=args.kinds.split(","),
-        batch_size=args.batch_size, method_kwargs=kwargs,
-    )
+    if args.profile:  # for every PrefixKV spec listed
+        for method in methods:
+            if prefixkv.parse_method_spec(method)[0] == "prefixkv":
+                kwargs[method]["profile"] = args.profile
+    try:
+        rows = evaluate(
+            model, tokenizer, methods, args.budgets, args.scenes, kinds=args.kinds.split(","),
+            batch_size=args.batch_size, method_kwargs=kwargs,
+        )
+    except ValueError as err:  # a bad method spec, kind or budget: one line
+        parser.error(str(err))
     for row in rows:
         extra = kwargs.get(row["method"])
         if extra:

@@ -23,11 +23,7 @@ import prefixkv
 from bench.realtext import corpus
 from bench.realtext.evaluate import Variant, parse_methods
 
-DEFAULT_VARIANTS = (
-    "prefixkv[visibility_norm=True,per_kv_head=True],"
-    "prefixkv[visibility_norm=True,per_kv_head=True,head_budgets=adaptive],"
-    "snapkv[head_budgets=adaptive]"
-)
+DEFAULT_VARIANTS = "prefixkv,prefixkv[head_budgets=adaptive],snapkv[head_budgets=adaptive]"
 
 
 def kept_per_head(method: prefixkv.Method, scores: Sequence[torch.Tensor], budget: float) -> list[list[int]]:

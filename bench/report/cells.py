@@ -46,7 +46,7 @@ PER_REPETITION: dict[str, Callable[[pd.DataFrame], np.ndarray]] = {
 #: Figures kept as `Estimate`s, each with `<name>_med/_lo/_hi` float columns for plotting.
 ESTIMATES = ("decode_tps", "step_ms", "step_p10_ms", *PER_REPETITION)
 #: Optional row columns carried as they are (present only where the rows have them).
-CARRIED = ("kv_bytes_per_head", "kept_per_head", "quality_detail", "quality_source")
+CARRIED = ("kv_bytes_per_head", "kv_capacity_bytes_per_head", "kept_per_head", "quality_detail", "quality_source")
 
 
 def _column(rows: pd.DataFrame, name: str) -> np.ndarray:

@@ -28,7 +28,8 @@ class PrefixKV(Uniform):
 
     `profile` (a path to a calibration JSON, or a `Profile`) gives offline per-layer keep ratios: with it no search
     runs at inference. Without it the search runs online on the current prompt. Scores and selection as in
-    `Uniform`. Scores: (batch, kv_heads, n).
+    `Uniform` (by default visibility-normalised and per KV head; the paper's own scores are
+    `prefixkv[per_kv_head=False,visibility_norm=False]`). Scores: (batch, kv_heads, n).
 
     With `head_budgets="adaptive"` (and `per_kv_head=True`) the online search runs over every (layer, KV head)
     at once: one retention ratio, one budget of `round(budget x n x layers x kv_heads)` entries, and every head

@@ -21,6 +21,11 @@ class Uniform(Method):
     window of it, and `visibility_norm=True` divides each entry's attention by the number of queries that could
     attend to it (n - j for entry j), which removes that bias from the scores themselves.
 
+    Defaults, chosen on held-out real text (`reports/baselines/cpu-2core/realtext_quality.md`): `visibility_norm=True`
+    and `per_kv_head=True` (each KV head its own top-k). The paper's exact scores - attention summed over the prompt
+    and shared by all heads of a layer - are `visibility_norm=False, per_kv_head=False`: the method specs
+    `prefixkv[per_kv_head=False,visibility_norm=False]` and `uniform[per_kv_head=False,visibility_norm=False]`.
+
     With `head_budgets="adaptive"` every layer keeps the same total, shared among its KV heads by PrefixKV's own
     criterion (the shortest prefixes reaching one retention ratio, searched within the layer).
     """
@@ -31,7 +36,8 @@ class Uniform(Method):
 
     sinks: int = 1
     recent: int = 1
-    visibility_norm: bool = False
+    per_kv_head: bool = True
+    visibility_norm: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
