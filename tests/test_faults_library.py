@@ -90,9 +90,10 @@ def test_out_of_vocabulary_continuation_fails_before_the_prefill(llama, monkeypa
 
 
 def test_build_method_takes_a_spec():
-    method = prefixkv.build_method("prefixkv[visibility_norm=True, layer_floor=0.25]")
-    assert method == prefixkv.build_method("prefixkv", visibility_norm=True, layer_floor=0.25)
-    assert method.spec == "prefixkv[layer_floor=0.25,visibility_norm=True]"
+    method = prefixkv.build_method("prefixkv[visibility_norm=False, layer_floor=0.25]")
+    assert method == prefixkv.build_method("prefixkv", visibility_norm=False, layer_floor=0.25)
+    assert method.spec == "prefixkv[layer_floor=0.25,visibility_norm=False]"
+    assert prefixkv.build_method("prefixkv[visibility_norm=True]").spec == "prefixkv"  # a default is left out
     assert prefixkv.build_method(method.spec) == method
     assert prefixkv.build_method("h2o[decode=score]").decode == "score"  # a bare word is a string
     assert prefixkv.build_method("snapkv").spec == "snapkv"
