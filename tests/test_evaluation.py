@@ -159,6 +159,14 @@ def test_command_line_on_a_saved_text_checkpoint(llama_dir, tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 8  # one line per prompt: 6 tasks + continuation + agreement
     assert main(["--model", f"hf:{llama_dir}", *args, "--stored"]) == 0
     assert capsys.readouterr().out == text
+    # A file holding more prompts per task than asked for: the tables are of the first --prompts of each task.
+    lines = out.read_text().splitlines()
+    second = [json.dumps({**row, "prompt": row["prompt"].replace("/0", "/1")}) for row in map(json.loads, lines)]
+    out.write_text("\n".join(lines + second) + "\n")
+    assert main(["--model", f"hf:{llama_dir}", *args, "--stored"]) == 0
+    assert capsys.readouterr().out == text
+    assert main(["--model", f"hf:{llama_dir}", *[a if a != "1" else "2" for a in args], "--stored"]) == 0
+    assert "n=6)" in text and "n=12)" in capsys.readouterr().out  # 6 exact-match tasks, 1 then 2 prompts each
     assert main(["--model", str(llama_dir), *args, "--protocol", "query-agnostic", "--tasks", "niah_single"]) == 0
     capsys.readouterr()
     assert main(["--model", str(tmp_path / "missing"), *args]) == 2

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="all", help="comma-separated methods, 'all', or name[key=value,...]")
     parser.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)), help="comma-separated budgets")
     parser.add_argument("--tasks", default="auto", help="comma-separated tasks, or 'auto' (every task of the model)")
-    parser.add_argument("--prompts", type=int, default=defaults.prompts, help="prompts per task")
+    parser.add_argument("--prompts", type=int, default=defaults.prompts,
+                        help="prompts per task (the tables: the first N of each task that --out holds)")
     parser.add_argument("--length", type=int, default=defaults.length, help="tokens per text prompt (exact)")
     parser.add_argument("--protocol", default=defaults.protocol, choices=("query-aware", "query-agnostic"))
     parser.add_argument("--haystack", default=defaults.haystack, help="pydoc or docstrings")
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                                settings=settings, out=args.out, shard=shard, progress=say)
     if "auto" not in spec.tasks:  # the file may hold other tasks' prompts too (same settings): tabulate these
         records = {key: r for key, r in records.items() if r["task"] in spec.tasks}
+    # ... and more prompts per task than asked for (prompt i of a task is the same whatever the count): the first N
+    records = {key: r for key, r in records.items() if int(r["prompt"].rpartition("/")[2]) < spec.prompts}
     text = tables(records, labels, budgets, args.versus)
     print(text)
     if args.table:
