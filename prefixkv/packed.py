@@ -83,12 +83,14 @@ class PackedLayer(SeenLayer):
         self.max_new_tokens = max_new_tokens
         self.policy = policy
         self.seen = self.prompt_length = prompt
-        self.positions = [p.to(keys.device) for p in positions]  # (batch, k_h) per head, at compression
+        # Prompt entries each head keeps; the kept positions themselves live on in `slot_positions` only.
+        self._kept = [p.shape[-1] for p in positions]
         self.reallocations = 0
         self.history: list[torch.Tensor] | None = None  # held positions after each decode step, when recording
         self.plans = self._plan(max_new_tokens)
         self._layout([max(k, plan.capacity) for k, plan in zip(self.kept_per_head(), self.plans, strict=True)])
-        for h, kept in enumerate(self.positions):
+        for h, kept in enumerate(positions):
+            kept = kept.to(keys.device)
             # The Triton kernel on CUDA (the torch reference elsewhere), straight into head h's rows.
             compact_kv_into(
                 keys[:, h : h + 1], values[:, h : h + 1], kept[:, None], self._rows(self.keys, h)[:, None],
@@ -222,7 +224,7 @@ class PackedLayer(SeenLayer):
 
     def kept_per_head(self) -> list[int]:
         """Prompt entries each KV head kept at compression."""
-        return [p.shape[-1] for p in self.positions]
+        return list(self._kept)
 
     @property
     def kept(self) -> float:
