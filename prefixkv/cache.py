@@ -304,15 +304,18 @@ class CompressedLayer(SeenLayer):
         """Prompt entries each KV head kept at compression (all heads alike here)."""
         return [] if self.keys is None else [self.kept] * self.keys.shape[1]
 
+    def _per_head(self, total: int) -> list[int]:
+        """`total` bytes shared equally by the KV heads (every head of a dense layer holds as many entries)."""
+        heads = len(self.kept_per_head())
+        return [total // heads] * heads if heads else []
+
     def nbytes_per_head(self, steps: int) -> list[int]:
         """Bytes of the entries each KV head holds (keys + values, the whole batch)."""
-        heads = len(self.kept_per_head())
-        return [self.nbytes(steps) // heads] * heads if heads else []
+        return self._per_head(self.nbytes(steps))
 
     def capacity_nbytes_per_head(self) -> list[int]:
         """Bytes allocated to each KV head (keys + values, the whole batch, decode buffer included)."""
-        heads = len(self.kept_per_head())
-        return [self.capacity_nbytes() // heads] * heads if heads else []
+        return self._per_head(self.capacity_nbytes())
 
     def reset(self) -> None:
         self.__init__(self.max_new_tokens)

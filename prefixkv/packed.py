@@ -258,10 +258,14 @@ class PackedLayer(SeenLayer):
             held[:, h, :length] = self._rows(self.slot_positions, h)[:, :length].sort(dim=-1).values
         return held
 
+    @property
+    def _row_slot_bytes(self) -> int:
+        """Bytes of one slot in every row of a head: keys + values, the whole batch."""
+        return 2 * self.batch * self.head_dim * self.keys.element_size()
+
     def nbytes_per_head(self, steps: int) -> list[int]:
         """Bytes of the entries each KV head holds after `steps` decode steps (keys + values, the whole batch)."""
-        entry = 2 * self.batch * self.head_dim * self.keys.element_size()
-        return [entry * length for length in self.lengths_per_head(steps)]
+        return [self._row_slot_bytes * length for length in self.lengths_per_head(steps)]
 
     def nbytes(self, steps: int) -> int:
         """Bytes of the entries held (keys + values)."""
@@ -273,8 +277,7 @@ class PackedLayer(SeenLayer):
 
     def capacity_nbytes_per_head(self) -> list[int]:
         """Bytes allocated to each KV head's rows (keys + values, the whole batch, its decode slots included)."""
-        entry = 2 * self.batch * self.head_dim * self.keys.element_size()
-        return [entry * capacity for capacity in self.capacities]
+        return [self._row_slot_bytes * capacity for capacity in self.capacities]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise ValueError("a packed layer is built compressed (PackedLayer.from_prefill)")
